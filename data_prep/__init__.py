@@ -1,0 +1,1 @@
+"""Dataset readers and the webdataset shard writer (`vdvae prep`)."""

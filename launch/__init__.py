@@ -1,0 +1,1 @@
+"""Slurm submission: sbatch templates and the `vdvae submit` command."""

@@ -1,0 +1,99 @@
+"""Import of the released openai/vdvae checkpoints (`*-model.th`, `*-model-ema.th`).
+
+Our parameter names are the official ones, so a released state dict loads
+as it is once the DDP `module.` prefix is stripped; this module checks it
+first and explains any mismatch (which keys, which shapes, which preset the
+file seems to be for) before touching the model.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from collections.abc import Mapping
+
+import torch
+
+from .presets import PRESETS, ModelConfig, get_preset
+from .vdvae import VDVAE
+
+_MAX_LISTED = 8
+
+
+class CheckpointMismatchError(ValueError):
+    """A state dict that does not fit the requested preset."""
+
+
+def _expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):
+        model = VDVAE(config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _clean(state_dict: Mapping[str, torch.Tensor]) -> "OrderedDict[str, torch.Tensor]":
+    if not isinstance(state_dict, Mapping) or not all(isinstance(k, str) for k in state_dict):
+        raise CheckpointMismatchError(
+            f"expected a state dict (parameter name -> tensor), got {type(state_dict).__name__}")
+    out = OrderedDict()
+    for key, value in state_dict.items():
+        out[key[len("module."):] if key.startswith("module.") else key] = value
+    return out
+
+
+def _listing(keys: list[str]) -> str:
+    shown = ", ".join(keys[:_MAX_LISTED])
+    return shown + (f", ... ({len(keys) - _MAX_LISTED} more)" if len(keys) > _MAX_LISTED else "")
+
+
+def _problems(state_dict: Mapping[str, torch.Tensor], expected: dict[str, tuple[int, ...]]) -> list[str]:
+    missing = [k for k in expected if k not in state_dict]
+    extra = [k for k in state_dict if k not in expected]
+    wrong = [f"{k}: file {tuple(state_dict[k].shape)} vs model {expected[k]}"
+             for k in expected if k in state_dict and tuple(state_dict[k].shape) != expected[k]]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys: {_listing(missing)}")
+    if extra:
+        problems.append(f"{len(extra)} unexpected keys: {_listing(extra)}")
+    if wrong:
+        problems.append(f"{len(wrong)} wrong shapes: {_listing(wrong)}")
+    return problems
+
+
+def check_official_state_dict(state_dict: Mapping[str, torch.Tensor], preset: str | ModelConfig,
+                              ) -> "OrderedDict[str, torch.Tensor]":
+    """Return the cleaned state dict, or raise `CheckpointMismatchError` saying what differs."""
+    state_dict = _clean(state_dict)
+    config = get_preset(preset).model if isinstance(preset, str) else preset
+    name = preset if isinstance(preset, str) else "the given config"
+    problems = _problems(state_dict, _expected_shapes(config))
+    if not problems:
+        return state_dict
+    hint = ""
+    for other, p in PRESETS.items():
+        if p.model != config and not _problems(state_dict, _expected_shapes(p.model)):
+            hint = f" The file matches preset {other!r}: pass that preset instead."
+            break
+    raise CheckpointMismatchError(
+        f"checkpoint does not fit {name}: " + "; ".join(problems) + "." + hint)
+
+
+def load_official(path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tensor],
+                  preset: str | ModelConfig) -> VDVAE:
+    """A `VDVAE` of `preset` holding the weights of an official `*-model.th`/`*-model-ema.th`."""
+    if isinstance(path_or_state_dict, (str, os.PathLike)):
+        if not os.path.isfile(path_or_state_dict):
+            raise FileNotFoundError(f"no checkpoint file at {os.fspath(path_or_state_dict)!r}")
+        state_dict = torch.load(path_or_state_dict, map_location="cpu", weights_only=True)
+    else:
+        state_dict = path_or_state_dict
+    state_dict = check_official_state_dict(state_dict, preset)
+    config = get_preset(preset).model if isinstance(preset, str) else preset
+    model = VDVAE(config)
+    model.load_state_dict({k: v.float() for k, v in state_dict.items()})
+    return model
+
+
+def official_state_dict(model: VDVAE) -> "OrderedDict[str, torch.Tensor]":
+    """The model's weights as an official-layout state dict (fp32, CPU), loadable by openai/vdvae."""
+    return OrderedDict((k, v.detach().float().cpu().clone()) for k, v in model.state_dict().items())

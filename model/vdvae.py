@@ -1,0 +1,365 @@
+"""The Very Deep VAE (Child, 2021): architecture only.
+
+Parameter names and shapes are those of openai/vdvae, so the released
+checkpoints load without renaming. The maths is the official model's; what
+differs is how it is run: no per-call zero buffers, posterior and prior
+sampling in one decoder pass, per-image KL sums instead of per-pixel KL maps,
+optional activation checkpointing, fp32 likelihood under bf16 autocast.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .likelihood import dmol_nll, dmol_sample, gaussian_kl, sample_gaussian, to_uint8
+from .presets import ModelConfig
+
+Temperature = float | list[float] | tuple[float, ...] | None
+
+
+def _conv(in_ch: int, out_ch: int, kernel: int, zero_weights: bool = False) -> nn.Conv2d:
+    conv = nn.Conv2d(in_ch, out_ch, kernel, padding=kernel // 2)
+    nn.init.zeros_(conv.bias)
+    if zero_weights:
+        nn.init.zeros_(conv.weight)
+    return conv
+
+
+class Block(nn.Module):
+    """Bottleneck residual block: GELU -> 1x1 -> 3x3 -> 3x3 -> 1x1 (1x1s instead of 3x3s at 1-2 px)."""
+
+    def __init__(self, in_ch: int, mid_ch: int, out_ch: int, *, residual: bool,
+                 use_3x3: bool, down_rate: int | None = None, zero_last: bool = False):
+        super().__init__()
+        self.residual = residual
+        self.down_rate = down_rate
+        k = 3 if use_3x3 else 1
+        self.c1 = _conv(in_ch, mid_ch, 1)
+        self.c2 = _conv(mid_ch, mid_ch, k)
+        self.c3 = _conv(mid_ch, mid_ch, k)
+        self.c4 = _conv(mid_ch, out_ch, 1, zero_weights=zero_last)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.c1(F.gelu(x))
+        h = self.c2(F.gelu(h))
+        h = self.c3(F.gelu(h))
+        h = self.c4(F.gelu(h))
+        out = x + h if self.residual else h
+        if self.down_rate is not None:
+            out = F.avg_pool2d(out, kernel_size=self.down_rate, stride=self.down_rate)
+        return out
+
+
+def _maybe_checkpoint(module: nn.Module, *args):
+    """Run `module(*args)`, through torch.utils.checkpoint when the module is marked for it."""
+    if getattr(module, "checkpointed", False) and torch.is_grad_enabled():
+        return checkpoint(module, *args, use_reentrant=module.checkpoint_reentrant)
+    return module(*args)
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.in_conv = _conv(3, cfg.width, 3)
+        layers = cfg.encoder_layers
+        blocks = []
+        for res, down in layers:
+            w = cfg.width_at(res)
+            block = Block(w, int(w * cfg.bottleneck_multiple), w, residual=True,
+                          use_3x3=res > 2, down_rate=down)
+            block.res = res
+            blocks.append(block)
+        with torch.no_grad():
+            for block in blocks:
+                block.c4.weight.mul_(math.sqrt(1 / len(layers)))
+        self.enc_blocks = nn.ModuleList(blocks)
+
+    def forward(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
+        """x: (N, 3, H, W) normalised input -> activations keyed by resolution."""
+        x = self.in_conv(x)
+        acts = {x.shape[2]: x}
+        for block in self.enc_blocks:
+            x = _maybe_checkpoint(block, x)
+            res = x.shape[2]
+            width = self.cfg.width_at(res)
+            if x.shape[1] < width:  # widening between resolutions: zero channels
+                x = F.pad(x, (0, 0, 0, 0, 0, width - x.shape[1]))
+            acts[res] = x
+        return acts
+
+
+class DecBlock(nn.Module):
+    """One top-down block: posterior q(z|x, acts), prior p(z|x), latent injection, residual block."""
+
+    def __init__(self, cfg: ModelConfig, res: int, mixin: int | None, num_blocks: int):
+        super().__init__()
+        self.res = res
+        self.mixin = mixin
+        self.zdim = cfg.zdim
+        width = cfg.width_at(res)
+        self.width = width
+        mid = int(width * cfg.bottleneck_multiple)
+        use_3x3 = res > 2
+        self.enc = Block(width * 2, mid, cfg.zdim * 2, residual=False, use_3x3=use_3x3)
+        self.prior = Block(width, mid, cfg.zdim * 2 + width, residual=False, use_3x3=use_3x3,
+                           zero_last=True)
+        self.z_proj = _conv(cfg.zdim, width, 1)
+        self.resnet = Block(width, mid, width, residual=True, use_3x3=use_3x3)
+        with torch.no_grad():
+            self.z_proj.weight.mul_(math.sqrt(1 / num_blocks))
+            self.resnet.c4.weight.mul_(math.sqrt(1 / num_blocks))
+
+    def _input(self, x: torch.Tensor | None, lowres: torch.Tensor | None, batch: int) -> torch.Tensor:
+        if lowres is not None:
+            up = F.interpolate(lowres[:, :self.width], scale_factor=self.res // self.mixin)
+            x = up if x is None else x + up
+        return x.expand(batch, -1, -1, -1) if x.shape[0] != batch else x
+
+    def _prior(self, x: torch.Tensor):
+        feats = self.prior(x)
+        z = self.zdim
+        return feats[:, :z], feats[:, z:2 * z], x + feats[:, 2 * z:]
+
+    def _inject(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return self.resnet(x + self.z_proj(z.to(x.dtype)))
+
+    def forward(self, x: torch.Tensor | None, lowres: torch.Tensor | None, acts: torch.Tensor):
+        """Posterior pass. Returns the new state, the KL summed per image (N,), and z."""
+        x = self._input(x, lowres, acts.shape[0])
+        qm, qv = self.enc(torch.cat([x, acts], dim=1)).chunk(2, dim=1)
+        pm, pv, x = self._prior(x)
+        z = sample_gaussian(qm, qv)
+        kl = gaussian_kl(qm, pm, qv, pv).sum(dim=(1, 2, 3))
+        return self._inject(x, z), kl, z
+
+    def sample(self, x: torch.Tensor | None, lowres: torch.Tensor | None, batch: int,
+               temperature: float | None, z: torch.Tensor | None = None,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """Prior pass: z from p(z|x) at `temperature` (std scaled by it), or the given z."""
+        x = self._input(x, lowres, batch)
+        pm, pv, x = self._prior(x)
+        if z is None:
+            if temperature is not None:
+                pv = pv + math.log(temperature)
+            z = sample_gaussian(pm, pv, generator)
+        return self._inject(x, z)
+
+
+class DmolNet(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.out_conv = _conv(cfg.width, cfg.num_mixtures * 10, 1)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.out_conv(h).permute(0, 2, 3, 1)  # (N, H, W, 10*M)
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        layers = cfg.decoder_layers
+        self.dec_blocks = nn.ModuleList(DecBlock(cfg, res, mixin, len(layers)) for res, mixin in layers)
+        self.bias_resolutions = [r for r in cfg.decoder_resolutions if r <= cfg.no_bias_above]
+        self.bias_xs = nn.ParameterList(
+            nn.Parameter(torch.zeros(1, cfg.width_at(r), r, r)) for r in self.bias_resolutions)
+        self.out_net = DmolNet(cfg)
+        self.gain = nn.Parameter(torch.ones(1, cfg.width, 1, 1))
+        self.bias = nn.Parameter(torch.zeros(1, cfg.width, 1, 1))
+
+    def initial_state(self) -> dict[int, torch.Tensor]:
+        return dict(zip(self.bias_resolutions, self.bias_xs))
+
+    def output(self, xs: dict[int, torch.Tensor]) -> torch.Tensor:
+        return self.out_net(xs[self.cfg.image_size] * self.gain + self.bias)
+
+    def forward(self, acts: dict[int, torch.Tensor]):
+        """Posterior pass: DMoL parameters and the per-block KL sums, (num_blocks, N)."""
+        xs = self.initial_state()
+        kls = []
+        for block in self.dec_blocks:
+            lowres = xs[block.mixin] if block.mixin is not None else None
+            xs[block.res], kl, _ = _maybe_checkpoint(block, xs.get(block.res), lowres, acts[block.res])
+            kls.append(kl)
+        return self.output(xs), torch.stack(kls)
+
+    def sample(self, n: int, temperatures: list[float | None], acts: dict[int, torch.Tensor] | None = None,
+               num_posterior: int = 0, generator: torch.Generator | None = None) -> torch.Tensor:
+        """DMoL parameters of n images: the first `num_posterior` latent groups from q(z|acts), the rest from the prior."""
+        xs = self.initial_state()
+        for i, block in enumerate(self.dec_blocks):
+            lowres = xs[block.mixin] if block.mixin is not None else None
+            if i < num_posterior:
+                xs[block.res], _, _ = block(xs.get(block.res), lowres, acts[block.res])
+            else:
+                xs[block.res] = block.sample(xs.get(block.res), lowres, n, temperatures[i],
+                                             generator=generator)
+        return self.output(xs)
+
+
+@dataclass
+class ElboTerms:
+    """Loss terms in nats per dimension. Scalars are batch means; `per_image_*` are (N,)."""
+
+    elbo: torch.Tensor
+    distortion: torch.Tensor
+    rate: torch.Tensor
+    per_image_elbo: torch.Tensor
+    per_group_rate: torch.Tensor
+    """(num_latent_groups,) batch-mean KL of each decoder block, nats per dimension."""
+
+    @property
+    def bpd(self) -> torch.Tensor:
+        """The ELBO in bits per dimension."""
+        return self.elbo / math.log(2.0)
+
+
+class VDVAE(nn.Module):
+    """A VDVAE built from a `ModelConfig`.
+
+    `forward(images)` takes uint8 images (N, H, W, 3) and returns `ElboTerms`;
+    `sample` and `sample_from_latents` return uint8 images (N, H, W, 3).
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        self.set_activation_checkpointing("none")
+
+    # -- data --------------------------------------------------------------------------
+
+    def preprocess(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 (N, H, W, 3) -> (network input (N, 3, H, W), loss target (N, H, W, 3)).
+
+        The official `preprocess_func`: input `(x + shift) * scale`; target
+        `(x - 127.5) / 127.5`, after `floor(x/8)*8` for 5-bit presets; x
+        divided by 255 first for presets fed [0, 1] images (ffhq1024).
+        """
+        cfg = self.config
+        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[-1] != 3:
+            raise ValueError(f"expected uint8 images (N, H, W, 3), got {images.dtype} {tuple(images.shape)}")
+        if images.shape[1] != cfg.image_size or images.shape[2] != cfg.image_size:
+            raise ValueError(f"this model takes {cfg.image_size}x{cfg.image_size} images, got "
+                             f"{images.shape[1]}x{images.shape[2]}")
+        x = images.float()
+        target = x
+        if cfg.input_divisor != 1.0:
+            x = x / cfg.input_divisor
+            target = (x - 0.5) * 2.0
+        else:
+            if cfg.bits == 5:
+                target = torch.floor(target * (1.0 / 8.0)) * 8.0
+            target = (target - 127.5) * (1.0 / 127.5)
+        inp = (x + cfg.input_shift) * cfg.input_scale
+        # NHWC storage seen as NCHW: the channels_last layout, with no copy.
+        return inp.permute(0, 3, 1, 2), target
+
+    # -- loss --------------------------------------------------------------------------
+
+    def forward(self, images: torch.Tensor) -> ElboTerms:
+        return self.elbo(images)
+
+    def elbo(self, images: torch.Tensor) -> ElboTerms:
+        """Negative ELBO of uint8 images (N, H, W, 3), nats per dimension."""
+        inp, target = self.preprocess(images)
+        params, kls = self.decoder(self.encoder(inp))
+        if self._likelihood_checkpointed and torch.is_grad_enabled():
+            distortion = checkpoint(self._likelihood, params, target,
+                                    use_reentrant=self._checkpoint_reentrant)
+        else:
+            distortion = self._likelihood(params, target)
+        num_dims = target[0].numel()
+        rate = kls.sum(0) / num_dims  # (N,)
+        per_image = distortion + rate
+        return ElboTerms(
+            elbo=per_image.mean(),
+            distortion=distortion.mean(),
+            rate=rate.mean(),
+            per_image_elbo=per_image.detach(),
+            per_group_rate=kls.detach().mean(1) / num_dims,
+        )
+
+    def _likelihood(self, params: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return dmol_nll(params, target, self.config.bits)
+
+    # -- sampling ----------------------------------------------------------------------
+
+    def _temperatures(self, temperature: Temperature) -> list[float | None]:
+        n = self.config.num_latent_groups
+        if temperature is None or isinstance(temperature, (int, float)):
+            return [temperature] * n
+        temps = list(temperature)
+        if len(temps) != n:
+            raise ValueError(f"got {len(temps)} temperatures; this model has {n} latent groups "
+                             "(one temperature, or one per decoder block)")
+        return temps
+
+    @torch.no_grad()
+    def sample(self, n: int, temperature: Temperature = 1.0,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """n unconditional samples, uint8 (n, H, W, 3); temperature scales every prior std."""
+        params = self.decoder.sample(n, self._temperatures(temperature), generator=generator)
+        return to_uint8(dmol_sample(params, generator))
+
+    @torch.no_grad()
+    def sample_from_latents(self, images: torch.Tensor, num_groups: int, temperature: Temperature = 0.1,
+                            generator: torch.Generator | None = None) -> torch.Tensor:
+        """Keep the first `num_groups` latent groups of `images` (posterior), sample the rest.
+
+        The paper's figures: with num_groups small the samples share only the
+        coarse structure of the image; with num_groups large they reconstruct it.
+        The official grids use temperature 0.1 for the sampled groups.
+        """
+        if not 0 <= num_groups <= self.config.num_latent_groups:
+            raise ValueError(f"num_groups={num_groups}: must be in [0, {self.config.num_latent_groups}]")
+        inp, _ = self.preprocess(images)
+        acts = self.encoder(inp) if num_groups else None
+        params = self.decoder.sample(images.shape[0], self._temperatures(temperature), acts,
+                                     num_posterior=num_groups, generator=generator)
+        return to_uint8(dmol_sample(params, generator))
+
+    # -- memory ------------------------------------------------------------------------
+
+    def set_activation_checkpointing(self, policy: str | int = "none", use_reentrant: bool = False) -> int:
+        """Recompute blocks in the backward pass instead of storing their activations.
+
+        policy: "none"; "all" (every encoder and decoder block and the
+        likelihood); or a resolution R (int or digit string): every block
+        at R px or more, and the likelihood when R <= image_size.
+        Returns the number of checkpointed blocks. Results are identical to
+        no checkpointing: the RNG state is restored for the recomputation.
+        """
+        min_res = parse_checkpoint_policy(policy)
+        count = 0
+        modules = [*self.encoder.enc_blocks, *self.decoder.dec_blocks]
+        for module in modules:
+            module.checkpointed = min_res is not None and module.res >= min_res
+            module.checkpoint_reentrant = use_reentrant
+            count += module.checkpointed
+        self._likelihood_checkpointed = min_res is not None and self.config.image_size >= min_res
+        self._checkpoint_reentrant = use_reentrant
+        return count
+
+
+def parse_checkpoint_policy(policy: str | int) -> int | None:
+    """'none' -> None; 'all' -> 0; a resolution (int or digits) -> that resolution."""
+    if isinstance(policy, int) and not isinstance(policy, bool) and policy > 0:
+        return policy
+    if isinstance(policy, str):
+        if policy == "none":
+            return None
+        if policy == "all":
+            return 0
+        if policy.isdigit() and int(policy) > 0:
+            return int(policy)
+    raise ValueError(f"activation checkpointing policy {policy!r}: use 'none', 'all', or a "
+                     "resolution in pixels (checkpoint every block at or above it)")

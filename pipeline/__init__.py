@@ -1,0 +1,1 @@
+"""Training pipeline: run config, streaming, DeepSpeed training, evaluation, the `vdvae` command."""
