@@ -32,13 +32,68 @@ def gaussian_kl(mu_q: torch.Tensor, mu_p: torch.Tensor, logsigma_q: torch.Tensor
                 + 0.5 * (logsigma_q.exp() ** 2 + (mu_q - mu_p) ** 2) / (logsigma_p.exp() ** 2))
 
 
+class _GaussianKLSum(torch.autograd.Function):
+    """Per-image sum of `gaussian_kl` over (C, H, W) with an analytic backward.
+
+    Autograd through the elementwise formula keeps about ten full-size
+    intermediates alive until the backward pass (640 MB for one 1024 px
+    block); this keeps only the four inputs.
+    """
+
+    @staticmethod
+    def forward(ctx, mu_q, mu_p, logsigma_q, logsigma_p):
+        ctx.save_for_backward(mu_q, mu_p, logsigma_q, logsigma_p)
+        return gaussian_kl(mu_q, mu_p, logsigma_q, logsigma_p).sum(dim=(1, 2, 3))
+
+    @staticmethod
+    def backward(ctx, grad):
+        mu_q, mu_p, logsigma_q, logsigma_p = ctx.saved_tensors
+        grad = grad.view(-1, 1, 1, 1)
+        inv_var_p = torch.exp(-2.0 * logsigma_p)
+        diff = mu_q - mu_p
+        d_mu = diff * inv_var_p * grad
+        var_ratio = torch.exp(2.0 * (logsigma_q - logsigma_p))
+        d_logsigma_q = (var_ratio - 1.0) * grad
+        d_logsigma_p = (1.0 - var_ratio - diff * diff * inv_var_p) * grad
+        return d_mu, -d_mu, d_logsigma_q, d_logsigma_p
+
+
+def gaussian_kl_sum(mu_q: torch.Tensor, mu_p: torch.Tensor, logsigma_q: torch.Tensor,
+                    logsigma_p: torch.Tensor) -> torch.Tensor:
+    """KL summed per image: (N, C, H, W) inputs -> (N,), fp32, memory-lean backward."""
+    with _no_autocast(mu_q.device.type):
+        return _GaussianKLSum.apply(*_fp32(mu_q, mu_p, logsigma_q, logsigma_p))
+
+
+class _Reparameterise(torch.autograd.Function):
+    """z = mu + e^logsigma * eps, with d z / d logsigma = z - mu.
+
+    Keeps z and mu for the backward: z is kept anyway (the input of the
+    next 1x1 conv) and mu by the KL term, so nothing full-size is added.
+    """
+
+    @staticmethod
+    def forward(ctx, mu, logsigma, eps):
+        z = torch.addcmul(mu, torch.exp(logsigma), eps)
+        ctx.save_for_backward(z, mu)
+        return z
+
+    @staticmethod
+    def backward(ctx, grad):
+        z, mu = ctx.saved_tensors
+        return grad, grad * (z - mu), None
+
+
 def sample_gaussian(mu: torch.Tensor, logsigma: torch.Tensor,
                     generator: torch.Generator | None = None) -> torch.Tensor:
     """A reparameterised sample `mu + e^logsigma * eps`, in fp32."""
     with _no_autocast(mu.device.type):
         mu, logsigma = _fp32(mu, logsigma)
-        eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
-        return torch.exp(logsigma) * eps + mu
+        # Drawn in logical (N, C, H, W) order, as the official code draws it,
+        # then laid out like mu (channels last) so the arithmetic stays in one layout.
+        eps = torch.empty_like(mu).copy_(
+            torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype))
+        return _Reparameterise.apply(mu, logsigma, eps)
 
 
 def _split_dmol(params: torch.Tensor, num_channels: int = 3):
@@ -66,10 +121,14 @@ def dmol_nll(params: torch.Tensor, target: torch.Tensor, bits: int = 8) -> torch
     Returns (N,): -log p(x) / (H*W*3). Bins are 2/255 wide (8-bit) or 2/31
     (5-bit), the first and last bins open-ended, as in the official code.
     """
+    return dmol_neg_log_prob(params, target, bits) / target[0].numel()
+
+
+def dmol_neg_log_prob(params: torch.Tensor, target: torch.Tensor, bits: int) -> torch.Tensor:
+    """-log p(target) summed over pixels and sub-pixels, per image (N,), fp32."""
     with _no_autocast(params.device.type):
         params, target = _fp32(params, target)
-        n, h, w, ch = target.shape
-        logits, means, log_scales, coeffs = _split_dmol(params, ch)
+        logits, means, log_scales, coeffs = _split_dmol(params, target.shape[-1])
         x = target.unsqueeze(-1)  # (N, H, W, 3, 1)
         # Each sub-pixel's mean depends linearly on the preceding sub-pixels.
         means = torch.stack([
@@ -97,7 +156,7 @@ def dmol_nll(params: torch.Tensor, target: torch.Tensor, bits: int = 8) -> torch
                 torch.where(cdf_delta > 1e-5, torch.log(cdf_delta.clamp(min=1e-12)),
                             log_pdf_mid - math.log(half_levels))))
         log_probs = log_probs.sum(dim=3) + torch.log_softmax(logits, dim=-1)
-        return -torch.logsumexp(log_probs, dim=-1).sum(dim=(1, 2)) / (h * w * ch)
+        return -torch.logsumexp(log_probs, dim=-1).sum(dim=(1, 2))
 
 
 def dmol_sample(params: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -1,9 +1,12 @@
 """Import of the released openai/vdvae checkpoints (`*-model.th`, `*-model-ema.th`).
 
-Our parameter names are the official ones, so a released state dict loads
-as it is once the DDP `module.` prefix is stripped; this module checks it
-first and explains any mismatch (which keys, which shapes, which preset the
-file seems to be for) before touching the model.
+Our parameter names are the official ones but for the final gain and bias,
+which the output head owns here (`decoder.out_net.gain`, official
+`decoder.gain`): under ZeRO-3 a parameter may only be used inside the
+forward of the module that owns it. This module renames, strips the DDP
+`module.` prefix, and checks a released state dict first, explaining any
+mismatch (which keys, which shapes, which preset the file seems to be for)
+before touching the model.
 """
 
 from __future__ import annotations
@@ -19,6 +22,18 @@ from .vdvae import VDVAE
 
 _MAX_LISTED = 8
 
+# ours -> official
+_RENAMES = {"decoder.out_net.gain": "decoder.gain", "decoder.out_net.bias": "decoder.bias"}
+_RENAMES_BACK = {v: k for k, v in _RENAMES.items()}
+
+
+def to_official_names(state_dict: Mapping[str, torch.Tensor]) -> "OrderedDict[str, torch.Tensor]":
+    return OrderedDict((_RENAMES.get(k, k), v) for k, v in state_dict.items())
+
+
+def from_official_names(state_dict: Mapping[str, torch.Tensor]) -> "OrderedDict[str, torch.Tensor]":
+    return OrderedDict((_RENAMES_BACK.get(k, k), v) for k, v in state_dict.items())
+
 
 class CheckpointMismatchError(ValueError):
     """A state dict that does not fit the requested preset."""
@@ -27,7 +42,7 @@ class CheckpointMismatchError(ValueError):
 def _expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):
         model = VDVAE(config)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return {k: tuple(v.shape) for k, v in to_official_names(model.state_dict()).items()}
 
 
 def _clean(state_dict: Mapping[str, torch.Tensor]) -> "OrderedDict[str, torch.Tensor]":
@@ -90,10 +105,11 @@ def load_official(path_or_state_dict: str | os.PathLike | Mapping[str, torch.Ten
     state_dict = check_official_state_dict(state_dict, preset)
     config = get_preset(preset).model if isinstance(preset, str) else preset
     model = VDVAE(config)
-    model.load_state_dict({k: v.float() for k, v in state_dict.items()})
+    model.load_state_dict({k: v.float() for k, v in from_official_names(state_dict).items()})
     return model
 
 
 def official_state_dict(model: VDVAE) -> "OrderedDict[str, torch.Tensor]":
     """The model's weights as an official-layout state dict (fp32, CPU), loadable by openai/vdvae."""
-    return OrderedDict((k, v.detach().float().cpu().clone()) for k, v in model.state_dict().items())
+    return OrderedDict((k, v.detach().float().cpu().clone())
+                       for k, v in to_official_names(model.state_dict()).items())

@@ -1,10 +1,19 @@
 """The Very Deep VAE (Child, 2021): architecture only.
 
 Parameter names and shapes are those of openai/vdvae, so the released
-checkpoints load without renaming. The maths is the official model's; what
-differs is how it is run: no per-call zero buffers, posterior and prior
-sampling in one decoder pass, per-image KL sums instead of per-pixel KL maps,
-optional activation checkpointing, fp32 likelihood under bf16 autocast.
+checkpoints load without renaming, and the maths is the official model's:
+the same ELBO on the same weights and latent noise. What differs is how it
+runs (each measured in tests/benchmarks/RESULTS.md):
+- one activation layout (channels last) and one activation dtype, so that
+  no add or concat falls off its fast path;
+- the posterior's first 1x1 conv split by input channels, so that
+  gelu(encoder activations) is computed once per resolution and gelu(x)
+  once per block (shared with the prior), with no concatenated copy;
+- per-image KL sums with an analytic backward, instead of per-pixel KL maps
+  held by autograd;
+- unconditional and "keep the first k latent groups" sampling in one pass;
+- optional activation checkpointing per block, and an output head evaluated
+  in bands of rows, so that 1024 px trains in a few GB.
 """
 
 from __future__ import annotations
@@ -17,43 +26,81 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .likelihood import dmol_nll, dmol_sample, gaussian_kl, sample_gaussian, to_uint8
+from .likelihood import dmol_neg_log_prob, dmol_sample, gaussian_kl_sum, sample_gaussian, to_uint8
 from .presets import ModelConfig
 
 Temperature = float | list[float] | tuple[float, ...] | None
 
+# Pixels per band of the likelihood (see VDVAE._neg_log_prob): 64 rows at 1024 px.
+_LIKELIHOOD_BAND_PIXELS = 2**16
 
-def _conv(in_ch: int, out_ch: int, kernel: int, zero_weights: bool = False) -> nn.Conv2d:
-    conv = nn.Conv2d(in_ch, out_ch, kernel, padding=kernel // 2)
+
+def _conv(in_ch: int, out_ch: int, kernel: int, zero_weights: bool = False,
+          cls: type[nn.Conv2d] = nn.Conv2d) -> nn.Conv2d:
+    conv = cls(in_ch, out_ch, kernel, padding=kernel // 2)
     nn.init.zeros_(conv.bias)
     if zero_weights:
         nn.init.zeros_(conv.weight)
     return conv
 
 
+class _SplitInputConv(nn.Conv2d):
+    """A 1x1 conv over the channel concatenation [a, b], computed without building it.
+
+    Same parameters as the official conv on `cat([a, b])`; the two halves
+    of the weight are applied separately and summed.
+    """
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        split = a.shape[1]
+        return F.conv2d(a, self.weight[:, :split]) + F.conv2d(b, self.weight[:, split:], self.bias)
+
+
 class Block(nn.Module):
     """Bottleneck residual block: GELU -> 1x1 -> 3x3 -> 3x3 -> 1x1 (1x1s instead of 3x3s at 1-2 px)."""
 
     def __init__(self, in_ch: int, mid_ch: int, out_ch: int, *, residual: bool,
-                 use_3x3: bool, down_rate: int | None = None, zero_last: bool = False):
+                 use_3x3: bool, down_rate: int | None = None, zero_last: bool = False,
+                 split_input: bool = False):
         super().__init__()
         self.residual = residual
         self.down_rate = down_rate
         k = 3 if use_3x3 else 1
-        self.c1 = _conv(in_ch, mid_ch, 1)
+        self.c1 = _conv(in_ch, mid_ch, 1, cls=_SplitInputConv if split_input else nn.Conv2d)
         self.c2 = _conv(mid_ch, mid_ch, k)
         self.c3 = _conv(mid_ch, mid_ch, k)
         self.c4 = _conv(mid_ch, out_ch, 1, zero_weights=zero_last)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.c1(F.gelu(x))
+    def tail(self, h: torch.Tensor) -> torch.Tensor:
+        """Everything after the first 1x1 conv: GELU -> c2 -> GELU -> c3 -> GELU -> c4."""
         h = self.c2(F.gelu(h))
         h = self.c3(F.gelu(h))
-        h = self.c4(F.gelu(h))
+        return self.c4(F.gelu(h))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.tail(self.c1(F.gelu(x)))
         out = x + h if self.residual else h
         if self.down_rate is not None:
             out = F.avg_pool2d(out, kernel_size=self.down_rate, stride=self.down_rate)
         return out
+
+
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    """The one activation layout of the model: NHWC storage (a copy only where it is not)."""
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def _compute_dtype(param: torch.Tensor) -> torch.dtype:
+    """The activation dtype: the autocast dtype where autocast is on, else the weights' dtype.
+
+    Keeping every activation in one dtype (and one layout) keeps the
+    elementwise ops on their fast paths; under bf16 autocast an fp32
+    residual stream would make every add and concat a mixed-dtype one.
+    """
+    device = param.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return param.dtype
 
 
 def _maybe_checkpoint(module: nn.Module, *args):
@@ -81,8 +128,10 @@ class Encoder(nn.Module):
                 block.c4.weight.mul_(math.sqrt(1 / len(layers)))
         self.enc_blocks = nn.ModuleList(blocks)
 
-    def forward(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
-        """x: (N, 3, H, W) normalised input -> activations keyed by resolution."""
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """x: (N, 3, H, W) normalised input -> the last activation at each resolution,
+        highest first. (A list, not a dict keyed by resolution: ZeRO-3's module
+        hooks take only tensors, lists, tuples and string-keyed dicts.)"""
         x = self.in_conv(x)
         acts = {x.shape[2]: x}
         for block in self.enc_blocks:
@@ -92,7 +141,7 @@ class Encoder(nn.Module):
             if x.shape[1] < width:  # widening between resolutions: zero channels
                 x = F.pad(x, (0, 0, 0, 0, 0, width - x.shape[1]))
             acts[res] = x
-        return acts
+        return list(acts.values())
 
 
 class DecBlock(nn.Module):
@@ -107,7 +156,8 @@ class DecBlock(nn.Module):
         self.width = width
         mid = int(width * cfg.bottleneck_multiple)
         use_3x3 = res > 2
-        self.enc = Block(width * 2, mid, cfg.zdim * 2, residual=False, use_3x3=use_3x3)
+        self.enc = Block(width * 2, mid, cfg.zdim * 2, residual=False, use_3x3=use_3x3,
+                         split_input=True)
         self.prior = Block(width, mid, cfg.zdim * 2 + width, residual=False, use_3x3=use_3x3,
                            zero_last=True)
         self.z_proj = _conv(cfg.zdim, width, 1)
@@ -120,7 +170,7 @@ class DecBlock(nn.Module):
         if lowres is not None:
             up = F.interpolate(lowres[:, :self.width], scale_factor=self.res // self.mixin)
             x = up if x is None else x + up
-        return x.expand(batch, -1, -1, -1) if x.shape[0] != batch else x
+        return _channels_last(x.expand(batch, -1, -1, -1)) if x.shape[0] != batch else x
 
     def _prior(self, x: torch.Tensor):
         feats = self.prior(x)
@@ -130,13 +180,29 @@ class DecBlock(nn.Module):
     def _inject(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         return self.resnet(x + self.z_proj(z.to(x.dtype)))
 
-    def forward(self, x: torch.Tensor | None, lowres: torch.Tensor | None, acts: torch.Tensor):
-        """Posterior pass. Returns the new state, the KL summed per image (N,), and z."""
-        x = self._input(x, lowres, acts.shape[0])
-        qm, qv = self.enc(torch.cat([x, acts], dim=1)).chunk(2, dim=1)
-        pm, pv, x = self._prior(x)
+    def forward(self, x: torch.Tensor | None, lowres: torch.Tensor | None, acts: torch.Tensor,
+                acts_activated: bool = False):
+        """Posterior pass. Returns the new state, the KL summed per image (N,), and z.
+
+        The posterior's first layer, officially `c1(gelu(cat[x, acts]))`, is
+        computed as `c1_x(gelu(x)) + c1_a(gelu(acts))` (the same sum, split by
+        input channels), and gelu(x) is the prior's first input too: no
+        concatenated copy, one GELU per input. With `acts_activated` the
+        caller passes gelu(acts), computed once for all blocks at this
+        resolution (a checkpointed block computes its own instead, so that
+        it is not stored).
+        """
+        gelu_acts = acts if acts_activated else F.gelu(acts)
+        x = self._input(x, lowres, gelu_acts.shape[0])
+        gx = F.gelu(x)
+        qm, qv = self.enc.tail(self.enc.c1(gx, gelu_acts)).chunk(2, dim=1)
+        feats = self.prior.tail(self.prior.c1(gx))
+        z = self.zdim
+        # pm and pv as their own tensors: the KL keeps them for the backward,
+        # and views would keep all of feats (zdim*2 + width channels) alive.
+        pm, pv, x = feats[:, :z].clone(), feats[:, z:2 * z].clone(), x + feats[:, 2 * z:]
         z = sample_gaussian(qm, qv)
-        kl = gaussian_kl(qm, pm, qv, pv).sum(dim=(1, 2, 3))
+        kl = gaussian_kl_sum(qm, pm, qv, pv)
         return self._inject(x, z), kl, z
 
     def sample(self, x: torch.Tensor | None, lowres: torch.Tensor | None, batch: int,
@@ -153,12 +219,30 @@ class DecBlock(nn.Module):
 
 
 class DmolNet(nn.Module):
+    """The output head: final gain and bias (official `decoder.gain`/`decoder.bias`),
+    then a 1x1 conv to the DMoL parameters."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.out_conv = _conv(cfg.width, cfg.num_mixtures * 10, 1)
+        self.gain = nn.Parameter(torch.ones(1, cfg.width, 1, 1))
+        self.bias = nn.Parameter(torch.zeros(1, cfg.width, 1, 1))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.out_conv(h).permute(0, 2, 3, 1)  # (N, H, W, 10*M)
+        return self.out_conv(h * self.gain + self.bias).permute(0, 2, 3, 1)  # (N, H, W, 10*M)
+
+
+class _BiasInputs(nn.ParameterList):
+    """The learned decoder inputs at resolutions up to `no_bias_above` (official `bias_xs`).
+
+    Callable (unlike a plain ParameterList) so that its parameters are used
+    inside its own forward, as ZeRO-3 requires.
+    """
+
+    __call__ = nn.Module.__call__
+
+    def forward(self, dtype: torch.dtype) -> list[torch.Tensor]:
+        return [_channels_last(b.to(dtype)) for b in self]
 
 
 class Decoder(nn.Module):
@@ -168,32 +252,37 @@ class Decoder(nn.Module):
         layers = cfg.decoder_layers
         self.dec_blocks = nn.ModuleList(DecBlock(cfg, res, mixin, len(layers)) for res, mixin in layers)
         self.bias_resolutions = [r for r in cfg.decoder_resolutions if r <= cfg.no_bias_above]
-        self.bias_xs = nn.ParameterList(
+        self.bias_xs = _BiasInputs(
             nn.Parameter(torch.zeros(1, cfg.width_at(r), r, r)) for r in self.bias_resolutions)
         self.out_net = DmolNet(cfg)
-        self.gain = nn.Parameter(torch.ones(1, cfg.width, 1, 1))
-        self.bias = nn.Parameter(torch.zeros(1, cfg.width, 1, 1))
 
-    def initial_state(self) -> dict[int, torch.Tensor]:
-        return dict(zip(self.bias_resolutions, self.bias_xs))
+    def initial_state(self, dtype: torch.dtype) -> dict[int, torch.Tensor]:
+        return {b.shape[2]: b for b in self.bias_xs(dtype)}
 
-    def output(self, xs: dict[int, torch.Tensor]) -> torch.Tensor:
-        return self.out_net(xs[self.cfg.image_size] * self.gain + self.bias)
-
-    def forward(self, acts: dict[int, torch.Tensor]):
-        """Posterior pass: DMoL parameters and the per-block KL sums, (num_blocks, N)."""
-        xs = self.initial_state()
+    def forward(self, activations: list[torch.Tensor]):
+        """Posterior pass: the state at image resolution (before the output head)
+        and the per-block KL sums, (num_blocks, N)."""
+        acts = {a.shape[2]: a for a in activations}
+        xs = self.initial_state(acts[self.cfg.image_size].dtype)
+        shared_gelu: dict[int, torch.Tensor] = {}
         kls = []
         for block in self.dec_blocks:
             lowres = xs[block.mixin] if block.mixin is not None else None
-            xs[block.res], kl, _ = _maybe_checkpoint(block, xs.get(block.res), lowres, acts[block.res])
+            if getattr(block, "checkpointed", False) and torch.is_grad_enabled():
+                args = (acts[block.res], False)
+            else:
+                if block.res not in shared_gelu:
+                    shared_gelu[block.res] = F.gelu(acts[block.res])
+                args = (shared_gelu[block.res], True)
+            xs[block.res], kl, _ = _maybe_checkpoint(block, xs.get(block.res), lowres, *args)
             kls.append(kl)
-        return self.output(xs), torch.stack(kls)
+        return xs[self.cfg.image_size], torch.stack(kls)
 
-    def sample(self, n: int, temperatures: list[float | None], acts: dict[int, torch.Tensor] | None = None,
+    def sample(self, n: int, temperatures: list[float | None], activations: list[torch.Tensor] | None = None,
                num_posterior: int = 0, generator: torch.Generator | None = None) -> torch.Tensor:
         """DMoL parameters of n images: the first `num_posterior` latent groups from q(z|acts), the rest from the prior."""
-        xs = self.initial_state()
+        acts = {a.shape[2]: a for a in activations or []}
+        xs = self.initial_state(_compute_dtype(self.out_net.gain))
         for i, block in enumerate(self.dec_blocks):
             lowres = xs[block.mixin] if block.mixin is not None else None
             if i < num_posterior:
@@ -201,7 +290,7 @@ class Decoder(nn.Module):
             else:
                 xs[block.res] = block.sample(xs.get(block.res), lowres, n, temperatures[i],
                                              generator=generator)
-        return self.output(xs)
+        return self.out_net(xs[self.cfg.image_size])
 
 
 @dataclass
@@ -271,13 +360,9 @@ class VDVAE(nn.Module):
     def elbo(self, images: torch.Tensor) -> ElboTerms:
         """Negative ELBO of uint8 images (N, H, W, 3), nats per dimension."""
         inp, target = self.preprocess(images)
-        params, kls = self.decoder(self.encoder(inp))
-        if self._likelihood_checkpointed and torch.is_grad_enabled():
-            distortion = checkpoint(self._likelihood, params, target,
-                                    use_reentrant=self._checkpoint_reentrant)
-        else:
-            distortion = self._likelihood(params, target)
+        h, kls = self.decoder(self.encoder(inp.to(_compute_dtype(self.decoder.out_net.gain))))
         num_dims = target[0].numel()
+        distortion = self._neg_log_prob(h, target) / num_dims
         rate = kls.sum(0) / num_dims  # (N,)
         per_image = distortion + rate
         return ElboTerms(
@@ -288,8 +373,29 @@ class VDVAE(nn.Module):
             per_group_rate=kls.detach().mean(1) / num_dims,
         )
 
-    def _likelihood(self, params: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return dmol_nll(params, target, self.config.bits)
+    def _head_neg_log_prob(self, h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return dmol_neg_log_prob(self.decoder.out_net(h), target, self.config.bits)
+
+    def _neg_log_prob(self, h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """-log p(target | h) per image, summed over bands of image rows.
+
+        The output head (gain, bias, 1x1 conv, DMoL) is per pixel, so bands of
+        rows are independent: with checkpointing each band is recomputed on
+        its own in the backward pass and neither the DMoL parameters nor the
+        likelihood's intermediates of the whole image are ever stored. The
+        bands are the same with and without checkpointing, so the sums are.
+        """
+        rows = max(1, _LIKELIHOOD_BAND_PIXELS // h.shape[3])
+        checkpointed = self._likelihood_checkpointed and torch.is_grad_enabled()
+        total = 0
+        for start in range(0, h.shape[2], rows):
+            band = (h[:, :, start:start + rows], target[:, start:start + rows])
+            if checkpointed:
+                total = total + checkpoint(self._head_neg_log_prob, *band,
+                                           use_reentrant=self._checkpoint_reentrant)
+            else:
+                total = total + self._head_neg_log_prob(*band)
+        return total
 
     # -- sampling ----------------------------------------------------------------------
 
@@ -322,7 +428,7 @@ class VDVAE(nn.Module):
         if not 0 <= num_groups <= self.config.num_latent_groups:
             raise ValueError(f"num_groups={num_groups}: must be in [0, {self.config.num_latent_groups}]")
         inp, _ = self.preprocess(images)
-        acts = self.encoder(inp) if num_groups else None
+        acts = self.encoder(inp.to(_compute_dtype(self.decoder.out_net.gain))) if num_groups else None
         params = self.decoder.sample(images.shape[0], self._temperatures(temperature), acts,
                                      num_posterior=num_groups, generator=generator)
         return to_uint8(dmol_sample(params, generator))

@@ -1,3 +1,4 @@
+import socket
 import sys
 from pathlib import Path
 
@@ -31,3 +32,10 @@ def tiny_config() -> ModelConfig:
 def images() -> torch.Tensor:
     gen = torch.Generator().manual_seed(123)
     return torch.randint(0, 256, (4, 8, 8, 3), dtype=torch.uint8, generator=gen)
+
+
+@pytest.fixture
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

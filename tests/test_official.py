@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from model import VDVAE, CheckpointMismatchError, get_preset, load_official, official_state_dict
-from model.official import check_official_state_dict
+from model.official import check_official_state_dict, to_official_names
 from pipeline.cli import main as cli_main
 from pipeline.weights import load_weights, save_weights
 
 
 def meta_state_dict(name):
     with torch.device("meta"):
-        return VDVAE(get_preset(name).model).state_dict()
+        return to_official_names(VDVAE(get_preset(name).model).state_dict())
 
 
 def perturbed(config, seed=0):
@@ -86,11 +86,11 @@ def test_wrong_preset_names_the_right_one():
 
 
 def test_ffhq1024_with_one_encoder_block_fewer_is_explained():
-    """openai/vdvae#3: a 69-block encoder state dict against the 70-block hps."""
+    """openai/vdvae#3: the released state dict lacks encoder.enc_blocks.68.* that the hps build."""
     sd = meta_state_dict("ffhq1024")
-    for key in [k for k in sd if k.startswith("encoder.enc_blocks.69.")]:
+    for key in [k for k in sd if k.startswith("encoder.enc_blocks.68.")]:
         del sd[key]
-    with pytest.raises(CheckpointMismatchError, match=r"8 missing keys: encoder.enc_blocks.69.c1.weight"):
+    with pytest.raises(CheckpointMismatchError, match=r"8 missing keys: encoder.enc_blocks.68.c1.weight"):
         check_official_state_dict(sd, "ffhq1024")
 
 

@@ -104,11 +104,13 @@ def test_shapes_through_every_resolution(name):
     images = torch.zeros(2, cfg.image_size, cfg.image_size, 3, dtype=torch.uint8, device="meta")
     inp, target = model.preprocess(images)
     assert inp.shape == (2, 3, cfg.image_size, cfg.image_size)
-    acts = model.encoder(inp)
+    acts = {a.shape[2]: a for a in model.encoder(inp)}
     assert sorted(acts) == sorted({r for r, _ in cfg.decoder_layers} | {cfg.image_size})
     for res, act in acts.items():
         assert act.shape == (2, cfg.width_at(res), res, res), res
-    params, kls = model.decoder(acts)
+    h, kls = model.decoder(list(acts.values()))
+    assert h.shape == (2, cfg.width, cfg.image_size, cfg.image_size)
+    params = model.decoder.out_net(h)
     assert params.shape == (2, cfg.image_size, cfg.image_size, 10 * cfg.num_mixtures)
     assert kls.shape == (cfg.num_latent_groups, 2)
 

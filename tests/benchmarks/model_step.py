@@ -7,6 +7,11 @@ Runs `--warmup` steps, then `--steps` timed steps, and prints one JSON line:
 the median step seconds and the process's peak RSS in GB (resident set
 high-water mark, model creation included). Run one configuration per
 process: peak RSS is per process.
+
+--allocator auto (the default) runs checkpointed configurations with the
+memory-lean allocator settings of pipeline/runtime.py (the settings the
+training command is to apply to checkpointed runs), the others with the
+system default.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import platform
 import resource
 import statistics
@@ -26,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from model import VDVAE, get_preset  # noqa: E402
+from pipeline.runtime import reexec_with_lean_allocator  # noqa: E402
 
 
 def main() -> None:
@@ -37,7 +44,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--allocator", choices=["auto", "lean", "default"], default="auto")
     args = parser.parse_args()
+    if args.allocator == "lean" or (args.allocator == "auto" and args.checkpointing != "none"):
+        reexec_with_lean_allocator()
 
     torch.manual_seed(args.seed)
     cfg = get_preset(args.preset).model
@@ -69,6 +79,7 @@ def main() -> None:
         "median_step_s": round(statistics.median(times), 3),
         "min_step_s": round(min(times), 3),
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "machine": platform.machine(),
