@@ -18,6 +18,7 @@ runs (each measured in tests/benchmarks/RESULTS.md):
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -30,6 +31,9 @@ from .likelihood import dmol_neg_log_prob, dmol_sample, gaussian_kl_sum, sample_
 from .presets import ModelConfig
 
 Temperature = float | list[float] | tuple[float, ...] | None
+
+# Blocks per activation-checkpointing unit (see _checkpoint_groups).
+_CHECKPOINT_GROUP = 3
 
 # Pixels per band of the likelihood (see VDVAE._neg_log_prob): 64 rows at 1024 px.
 _LIKELIHOOD_BAND_PIXELS = 2**16
@@ -103,11 +107,32 @@ def _compute_dtype(param: torch.Tensor) -> torch.dtype:
     return param.dtype
 
 
-def _maybe_checkpoint(module: nn.Module, *args):
-    """Run `module(*args)`, through torch.utils.checkpoint when the module is marked for it."""
-    if getattr(module, "checkpointed", False) and torch.is_grad_enabled():
-        return checkpoint(module, *args, use_reentrant=module.checkpoint_reentrant)
-    return module(*args)
+def _run_group(fn, blocks: list[nn.Module], *args):
+    """`fn(blocks, *args)`, through torch.utils.checkpoint when the blocks are marked for it."""
+    if blocks[0].checkpointed and torch.is_grad_enabled():
+        return checkpoint(functools.partial(fn, blocks), *args, use_reentrant=blocks[0].checkpoint_reentrant)
+    return fn(blocks, *args)
+
+
+def _checkpoint_groups(blocks: list[nn.Module], size: int) -> list[list[nn.Module]]:
+    """Consecutive checkpointed blocks at one resolution, `size` at most per group.
+
+    A group is checkpointed as a unit: only its input is stored, each block
+    is still recomputed once. A block that changes resolution (encoder
+    'RdK'), or mixes in a lower one (decoder 'RmS'), stands alone, so that
+    every activation the decoder reads is a group's output.
+    """
+    groups: list[list[nn.Module]] = []
+    for block in blocks:
+        last = groups[-1] if groups else None
+        if (last and len(last) < size and block.checkpointed and last[-1].checkpointed
+                and block.res == last[-1].res and getattr(block, "mixin", None) is None
+                and getattr(block, "down_rate", None) is None
+                and getattr(last[-1], "down_rate", None) is None):
+            last.append(block)
+        else:
+            groups.append([block])
+    return groups
 
 
 class Encoder(nn.Module):
@@ -134,14 +159,18 @@ class Encoder(nn.Module):
         hooks take only tensors, lists, tuples and string-keyed dicts.)"""
         x = self.in_conv(x)
         acts = {x.shape[2]: x}
-        for block in self.enc_blocks:
-            x = _maybe_checkpoint(block, x)
-            res = x.shape[2]
-            width = self.cfg.width_at(res)
+        for group in self.groups:
+            x = _run_group(self._run_blocks, group, x)
+            acts[x.shape[2]] = x
+        return list(acts.values())
+
+    def _run_blocks(self, blocks: list[Block], x: torch.Tensor) -> torch.Tensor:
+        for block in blocks:
+            x = block(x)
+            width = self.cfg.width_at(x.shape[2])
             if x.shape[1] < width:  # widening between resolutions: zero channels
                 x = F.pad(x, (0, 0, 0, 0, 0, width - x.shape[1]))
-            acts[res] = x
-        return list(acts.values())
+        return x
 
 
 class DecBlock(nn.Module):
@@ -266,17 +295,26 @@ class Decoder(nn.Module):
         xs = self.initial_state(acts[self.cfg.image_size].dtype)
         shared_gelu: dict[int, torch.Tensor] = {}
         kls = []
-        for block in self.dec_blocks:
-            lowres = xs[block.mixin] if block.mixin is not None else None
-            if getattr(block, "checkpointed", False) and torch.is_grad_enabled():
-                args = (acts[block.res], False)
+        for group in self.groups:
+            first = group[0]
+            lowres = xs[first.mixin] if first.mixin is not None else None
+            if first.checkpointed and torch.is_grad_enabled():
+                acts_args = (acts[first.res], False)
             else:
-                if block.res not in shared_gelu:
-                    shared_gelu[block.res] = F.gelu(acts[block.res])
-                args = (shared_gelu[block.res], True)
-            xs[block.res], kl, _ = _maybe_checkpoint(block, xs.get(block.res), lowres, *args)
-            kls.append(kl)
+                if first.res not in shared_gelu:
+                    shared_gelu[first.res] = F.gelu(acts[first.res])
+                acts_args = (shared_gelu[first.res], True)
+            xs[first.res], *group_kls = _run_group(self._run_blocks, group, xs.get(first.res), lowres, *acts_args)
+            kls += group_kls
         return xs[self.cfg.image_size], torch.stack(kls)
+
+    @staticmethod
+    def _run_blocks(blocks: list[DecBlock], x, lowres, acts, acts_activated):
+        kls = []
+        for i, block in enumerate(blocks):
+            x, kl, _ = block(x, lowres if i == 0 else None, acts, acts_activated)
+            kls.append(kl)
+        return (x, *kls)
 
     def sample(self, n: int, temperatures: list[float | None], activations: list[torch.Tensor] | None = None,
                num_posterior: int = 0, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -441,6 +479,9 @@ class VDVAE(nn.Module):
         policy: "none"; "all" (every encoder and decoder block and the
         likelihood); or a resolution R (int or digit string): every block
         at R px or more, and the likelihood when R <= image_size.
+        Consecutive blocks at one resolution are checkpointed in pairs
+        (see `_checkpoint_groups`): half the stored block outputs, the same
+        recomputation.
         Returns the number of checkpointed blocks. Results are identical to
         no checkpointing: the RNG state is restored for the recomputation.
         """
@@ -451,6 +492,8 @@ class VDVAE(nn.Module):
             module.checkpointed = min_res is not None and module.res >= min_res
             module.checkpoint_reentrant = use_reentrant
             count += module.checkpointed
+        self.encoder.groups = _checkpoint_groups(list(self.encoder.enc_blocks), _CHECKPOINT_GROUP)
+        self.decoder.groups = _checkpoint_groups(list(self.decoder.dec_blocks), _CHECKPOINT_GROUP)
         self._likelihood_checkpointed = min_res is not None and self.config.image_size >= min_res
         self._checkpoint_reentrant = use_reentrant
         return count

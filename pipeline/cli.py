@@ -42,6 +42,9 @@ def _cmd_import_official(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
+    from .runtime import reexec_with_fast_allocator
+
+    reexec_with_fast_allocator()
 
     return run_demo(Path(args.out), steps=args.steps)
 

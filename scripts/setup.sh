@@ -11,6 +11,20 @@ VENV=.venv
 STAMP=$VENV/.setup-stamp
 want="$(sha256sum pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
 
+# System libraries: tcmalloc, the allocator of the compute processes
+# (pipeline/runtime.py). Debian/Ubuntu packages, installed when missing.
+need_apt=()
+ls /usr/lib/*/libtcmalloc_minimal.so.4 /usr/lib/libtcmalloc_minimal.so.4 >/dev/null 2>&1 || need_apt+=(libtcmalloc-minimal4)
+if [ ${#need_apt[@]} -gt 0 ]; then
+    if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+        echo "setup: apt-get install ${need_apt[*]}"
+        apt-get update -qq >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+    else
+        echo "setup: warning: missing ${need_apt[*]} (install them as root); continuing without" >&2
+    fi
+fi
+
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
     exit 0
 fi

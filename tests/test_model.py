@@ -161,6 +161,25 @@ def test_checkpointing_gives_identical_loss_and_gradients(tiny_config, images, p
         assert torch.allclose(grad, ckpt_grads[name], rtol=1e-6, atol=1e-7), name
 
 
+def describe_groups(groups):
+    return [[(b.res, getattr(b, "down_rate", None) or getattr(b, "mixin", None)) for b in g] for g in groups]
+
+
+def test_checkpoint_groups_never_hide_an_activation(tiny_config):
+    model = seeded_model(tiny_config.replace(enc_blocks="8x4,8d2,4x1,4d4,1x1",
+                                             dec_blocks="1x1,4m1,4x1,8m4,8x4"))
+    assert describe_groups(model.encoder.groups) == [[(8, None)]] * 4 + [[(8, 2)], [(4, None)], [(4, 4)], [(1, None)]]
+    model.set_activation_checkpointing("all")
+    # up to three blocks at one resolution; a down-sampling block alone (the decoder
+    # reads the activation before it); a mix-in block only first in its group
+    assert describe_groups(model.encoder.groups) == [
+        [(8, None)] * 3, [(8, None)], [(8, 2)], [(4, None)], [(4, 4)], [(1, None)]]
+    assert describe_groups(model.decoder.groups) == [
+        [(1, None)], [(4, 1), (4, None)], [(8, 4), (8, None), (8, None)], [(8, None), (8, None)]]
+    model.set_activation_checkpointing(8)  # only blocks at 8 px: lower ones stay ungrouped
+    assert describe_groups(model.decoder.groups)[:3] == [[(1, None)], [(4, 1)], [(4, None)]]
+
+
 def test_likelihood_bands_sum_to_the_whole_image(tiny_config, images, monkeypatch):
     """Large images evaluate the output head in bands of rows; the sum is the same likelihood."""
     model = seeded_model(tiny_config)

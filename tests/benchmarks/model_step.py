@@ -8,10 +8,9 @@ the median step seconds and the process's peak RSS in GB (resident set
 high-water mark, model creation included). Run one configuration per
 process: peak RSS is per process.
 
---allocator auto (the default) runs checkpointed configurations with the
-memory-lean allocator settings of pipeline/runtime.py (the settings the
-training command is to apply to checkpointed runs), the others with the
-system default.
+--allocator tcmalloc (the default) runs with the allocator that the
+pipeline gives its compute processes (pipeline/runtime.py); --allocator
+system runs with the system's malloc.
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import platform
 import resource
 import statistics
@@ -32,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from model import VDVAE, get_preset  # noqa: E402
-from pipeline.runtime import reexec_with_lean_allocator  # noqa: E402
+from pipeline.runtime import active_allocator, reexec_with_fast_allocator  # noqa: E402
 
 
 def main() -> None:
@@ -44,10 +42,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--allocator", choices=["auto", "lean", "default"], default="auto")
+    parser.add_argument("--allocator", choices=["tcmalloc", "system"], default="tcmalloc")
     args = parser.parse_args()
-    if args.allocator == "lean" or (args.allocator == "auto" and args.checkpointing != "none"):
-        reexec_with_lean_allocator()
+    if args.allocator == "tcmalloc":
+        reexec_with_fast_allocator()
 
     torch.manual_seed(args.seed)
     cfg = get_preset(args.preset).model
@@ -79,7 +77,7 @@ def main() -> None:
         "median_step_s": round(statistics.median(times), 3),
         "min_step_s": round(min(times), 3),
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
-        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+        "allocator": active_allocator(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "machine": platform.machine(),

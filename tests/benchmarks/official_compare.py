@@ -29,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from model import get_preset, load_official  # noqa: E402
+from pipeline.runtime import active_allocator, reexec_with_fast_allocator  # noqa: E402
 
 
 class _H(dict):
@@ -76,7 +77,10 @@ def main() -> None:
     parser.add_argument("--preset", default="cifar10")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=3, help="timed steps each (0: no timing)")
+    parser.add_argument("--allocator", choices=["tcmalloc", "system"], default="tcmalloc")
     args = parser.parse_args()
+    if args.allocator == "tcmalloc":
+        reexec_with_fast_allocator()
     if not (args.official_src / "vae.py").is_file():
         raise SystemExit(f"{args.official_src}/vae.py not found: pass a checkout of openai/vdvae")
     sys.path.insert(0, str(args.official_src))
@@ -111,7 +115,7 @@ def main() -> None:
         times_ours.append(step_time(lambda: train_step(ours, images)))
 
     result = {
-        "preset": args.preset, "batch": args.batch,
+        "preset": args.preset, "batch": args.batch, "allocator": active_allocator(),
         "params_ours": sum(p.numel() for p in ours.parameters()),
         "params_official": sum(p.numel() for p in theirs.parameters()),
         "same_keys_and_shapes": {k: v.shape for k, v in ours.state_dict().items()}
