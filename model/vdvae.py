@@ -201,10 +201,14 @@ class DecBlock(nn.Module):
             x = up if x is None else x + up
         return _channels_last(x.expand(batch, -1, -1, -1)) if x.shape[0] != batch else x
 
-    def _prior(self, x: torch.Tensor):
-        feats = self.prior(x)
-        z = self.zdim
-        return feats[:, :z], feats[:, z:2 * z], x + feats[:, 2 * z:]
+    def _split_prior(self, feats: torch.Tensor, x: torch.Tensor):
+        """Prior output -> (mean, log-std, x + the residual part).
+
+        mean and log-std as their own tensors: the KL keeps them for the
+        backward, and views would keep all of feats (2*zdim + width channels).
+        """
+        k = self.zdim
+        return feats[:, :k].clone(), feats[:, k:2 * k].clone(), x + feats[:, 2 * k:]
 
     def _inject(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         return self.resnet(x + self.z_proj(z.to(x.dtype)))
@@ -225,26 +229,21 @@ class DecBlock(nn.Module):
         x = self._input(x, lowres, gelu_acts.shape[0])
         gx = F.gelu(x)
         qm, qv = self.enc.tail(self.enc.c1(gx, gelu_acts)).chunk(2, dim=1)
-        feats = self.prior.tail(self.prior.c1(gx))
-        z = self.zdim
-        # pm and pv as their own tensors: the KL keeps them for the backward,
-        # and views would keep all of feats (zdim*2 + width channels) alive.
-        pm, pv, x = feats[:, :z].clone(), feats[:, z:2 * z].clone(), x + feats[:, 2 * z:]
+        pm, pv, x = self._split_prior(self.prior.tail(self.prior.c1(gx)), x)
         z = sample_gaussian(qm, qv)
         kl = gaussian_kl_sum(qm, pm, qv, pv)
         return self._inject(x, z), kl, z
 
     def sample(self, x: torch.Tensor | None, lowres: torch.Tensor | None, batch: int,
-               temperature: float | None, z: torch.Tensor | None = None,
-               generator: torch.Generator | None = None) -> torch.Tensor:
-        """Prior pass: z from p(z|x) at `temperature` (std scaled by it), or the given z."""
+               temperature: float | None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Prior pass: z from p(z|x), its std scaled by `temperature`."""
         x = self._input(x, lowres, batch)
-        pm, pv, x = self._prior(x)
-        if z is None:
-            if temperature is not None:
-                pv = pv + math.log(temperature)
-            z = sample_gaussian(pm, pv, generator)
-        return self._inject(x, z)
+        pm, pv, x = self._split_prior(self.prior(x), x)
+        if temperature == 0:  # the prior mean
+            return self._inject(x, pm.float())
+        if temperature is not None:
+            pv = pv + math.log(temperature)
+        return self._inject(x, sample_gaussian(pm, pv, generator))
 
 
 class DmolNet(nn.Module):
@@ -440,11 +439,14 @@ class VDVAE(nn.Module):
     def _temperatures(self, temperature: Temperature) -> list[float | None]:
         n = self.config.num_latent_groups
         if temperature is None or isinstance(temperature, (int, float)):
-            return [temperature] * n
-        temps = list(temperature)
+            temps = [temperature] * n
+        else:
+            temps = list(temperature)
         if len(temps) != n:
             raise ValueError(f"got {len(temps)} temperatures; this model has {n} latent groups "
                              "(one temperature, or one per decoder block)")
+        if any(t is not None and t < 0 for t in temps):
+            raise ValueError(f"temperatures must be >= 0 (0: the prior mean), got {temperature}")
         return temps
 
     @torch.no_grad()

@@ -256,6 +256,12 @@ def test_samples_shape_dtype_and_determinism(tiny_config):
     assert per_layer.shape == (2, 8, 8, 3)
     with pytest.raises(ValueError, match="one per decoder block"):
         model.sample(2, [0.5, 0.6])
+    with pytest.raises(ValueError, match=">= 0"):
+        model.sample(2, -1.0)
+    # temperature 0 takes the prior means: only the pixel sampling is random
+    zero_a = model.decoder.sample(2, [0.0] * tiny_config.num_latent_groups)
+    zero_b = model.decoder.sample(2, [0.0] * tiny_config.num_latent_groups)
+    assert torch.equal(zero_a, zero_b)
 
 
 def test_sample_from_latents(tiny_config, images):

@@ -12,12 +12,15 @@ line with:
   - ELBO, distortion and rate of both on the same images with the same seed
     (the latent noise is drawn in the same order, so they agree to float
     rounding), and the largest relative gradient difference;
-  - median fp32 train-step seconds of both, alternating, and their ratio.
+  - median train-step seconds of both, alternating, and their ratio: the
+    official model in fp32 (it has no other mode), ours in --ours-dtype
+    (fp32, or bf16 autocast).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -28,7 +31,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from model import get_preset, load_official  # noqa: E402
+from model import get_preset, load_official, official_state_dict  # noqa: E402
+from model.official import to_official_names  # noqa: E402
 from pipeline.runtime import active_allocator, reexec_with_fast_allocator  # noqa: E402
 
 
@@ -77,6 +81,7 @@ def main() -> None:
     parser.add_argument("--preset", default="cifar10")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=3, help="timed steps each (0: no timing)")
+    parser.add_argument("--ours-dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--allocator", choices=["tcmalloc", "system"], default="tcmalloc")
     args = parser.parse_args()
     if args.allocator == "tcmalloc":
@@ -102,23 +107,24 @@ def main() -> None:
     grads_theirs = dict(theirs.named_parameters())
     max_rel_grad = max(
         ((p.grad - grads_theirs[k].grad).norm() / grads_theirs[k].grad.norm().clamp(min=1e-12)).item()
-        for k, p in ours.named_parameters() if grads_theirs[k].grad.norm() > 0)
+        for k, p in to_official_names(dict(ours.named_parameters())).items() if grads_theirs[k].grad.norm() > 0)
 
-    def train_step(model, *batch):
-        out = model(*batch)
+    def train_step(model, *batch, bf16=False):
+        with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+            out = model(*batch)
         (out["elbo"] if isinstance(out, dict) else out.elbo).backward()
         model.zero_grad(set_to_none=True)
 
     times_theirs, times_ours = [], []
     for _ in range(args.steps):
         times_theirs.append(step_time(lambda: train_step(theirs, inp, target)))
-        times_ours.append(step_time(lambda: train_step(ours, images)))
+        times_ours.append(step_time(lambda: train_step(ours, images, bf16=args.ours_dtype == "bf16")))
 
     result = {
         "preset": args.preset, "batch": args.batch, "allocator": active_allocator(),
         "params_ours": sum(p.numel() for p in ours.parameters()),
         "params_official": sum(p.numel() for p in theirs.parameters()),
-        "same_keys_and_shapes": {k: v.shape for k, v in ours.state_dict().items()}
+        "same_keys_and_shapes": {k: v.shape for k, v in official_state_dict(ours).items()}
         == {k: v.shape for k, v in theirs.state_dict().items()},
         "elbo_ours": stats_ours.elbo.item(), "elbo_official": stats_theirs["elbo"].item(),
         "distortion_ours": stats_ours.distortion.item(),
@@ -128,6 +134,7 @@ def main() -> None:
     }
     if args.steps:
         result.update({
+            "ours_dtype": args.ours_dtype,
             "step_s_ours": round(statistics.median(times_ours), 3),
             "step_s_official": round(statistics.median(times_theirs), 3),
             "ratio_ours_over_official": round(statistics.median(times_ours) / statistics.median(times_theirs), 3),
