@@ -40,6 +40,14 @@ def _cmd_import_official(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_prep(args: argparse.Namespace) -> int:
+    from data_prep.prep import prep
+
+    prep(args.dataset, args.src, args.out, samples_per_shard=args.samples_per_shard,
+         workers=args.workers, overwrite=args.overwrite)
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
     from .runtime import reexec_with_fast_allocator
@@ -74,6 +82,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_import_official)
 
     p = sub.add_parser(
+        "prep", help="shard a dataset into webdataset tars plus a manifest, locally or on S3",
+        description="Read a dataset as it is distributed, split it as the official code does, and "
+                    "write <out>/<split>/<split>-NNNNNN.tar shards and <out>/<split>/manifest.json. "
+                    "Rerunning after an interruption completes only what is missing.")
+    p.add_argument("dataset", choices=["cifar10"], help="the dataset (more readers are coming)")
+    p.add_argument("--src", required=True, help="the dataset folder (cifar10: cifar-10-batches-py/)")
+    p.add_argument("--out", required=True, help="s3://bucket/prefix or a local folder")
+    p.add_argument("--samples-per-shard", type=int, default=5000, help="default: 5000")
+    p.add_argument("--workers", type=int, default=1, help="local worker processes (default: 1)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing output made with other options")
+    p.set_defaults(func=_cmd_prep)
+
+    p = sub.add_parser(
         "demo", help="a short look at the model on real photographs (no cluster needed)",
         description="Train a small VDVAE for a few dozen steps on 32 px patches of the photographs "
                     "that ship with scikit-learn, print the ELBO as it falls, and write a sample "
@@ -85,10 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from data_prep.storage import StorageError
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, StorageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

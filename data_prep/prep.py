@@ -1,0 +1,187 @@
+"""Turn a dataset split plan into shards plus a manifest in a store, resumably.
+
+Layout in the store: `<split>/<split>-NNNNNN.tar` shards, a
+`<split>/<split>-NNNNNN.done.json` record written after each shard is
+complete in the store, and `<split>/manifest.json`, written last, after
+every shard it lists: the manifest is the commit point. A rerun skips the
+shards whose record matches the run's options, so a job killed at any
+point finishes with the same shards and manifest as one never interrupted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from . import cifar10
+from .shards import Sample, ShardInfo, write_shard
+from .source import SourceError, SplitPlan
+from .storage import open_store
+
+FORMAT = "vdvae-shards/1"
+READERS = {"cifar10": cifar10.plan}
+DATASET_BITS = {"cifar10": 8}
+
+
+@dataclass(frozen=True)
+class PrepOptions:
+    dataset: str
+    samples_per_shard: int = 5000
+
+    def __post_init__(self) -> None:
+        if self.dataset not in READERS:
+            raise ValueError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(READERS)}")
+        if self.samples_per_shard <= 0:
+            raise ValueError(f"samples_per_shard={self.samples_per_shard} must be positive")
+
+    def fingerprint(self, split: str, plan: SplitPlan) -> str:
+        text = json.dumps([FORMAT, self.dataset, split, self.samples_per_shard, plan.num_samples,
+                           plan.how, plan.resolution], sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image, mode="RGB").save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()
+
+
+def _shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:06d}.tar"
+
+
+# The plans of the running prep, visible to forked workers (a plan holds
+# the decoded source and closures, which do not pickle).
+_PLANS: dict[str, SplitPlan] = {}
+
+
+def _build_shard(args) -> dict:
+    """Encode and write one shard; returns its record (what the manifest needs)."""
+    out_url, options, split, index = args
+    plan = _PLANS[split]
+    store = open_store(f"{out_url.rstrip('/')}/{split}")
+    start = index * options.samples_per_shard
+    stop = min(start + options.samples_per_shard, plan.num_samples)
+    samples, sums, sqs, num_pixels = [], np.zeros(3), np.zeros(3), 0
+    for i in range(start, stop):
+        image, label, meta = plan.get(i)
+        pixels = image.reshape(-1, 3).astype(np.float64)
+        num_pixels += len(pixels)
+        sums += pixels.sum(0)
+        sqs += (pixels ** 2).sum(0)
+        meta = dict(meta, width=int(image.shape[1]), height=int(image.shape[0]))
+        samples.append(Sample(f"{split}{i:07d}", encode_png(image), meta, label))
+    name = _shard_name(split, index)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=store.scratch_dir())
+    os.close(fd)
+    try:
+        size, sha = write_shard(samples, Path(tmp))
+        store.put_file(name, Path(tmp))
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    record = {"fingerprint": options.fingerprint(split, plan), "name": name, "count": len(samples),
+              "bytes": size, "sha256": sha, "pixel_sum": sums.tolist(), "pixel_sq_sum": sqs.tolist(),
+              "num_pixels": num_pixels}
+    store.write_bytes(name.replace(".tar", ".done.json"), json.dumps(record, sort_keys=True).encode())
+    return record
+
+
+def prep(dataset: str, src: str | os.PathLike, out_url: str, samples_per_shard: int = 5000,
+         workers: int = 1, overwrite: bool = False, progress: bool = True) -> dict[str, dict]:
+    """Shard every split of `dataset` from `src` to `out_url`; return the manifests."""
+    options = PrepOptions(dataset, samples_per_shard)
+    if not Path(src).exists():
+        raise SourceError(f"source {src} does not exist")
+    plans = READERS[dataset](Path(src))
+    manifests = {}
+    for split, plan in plans.items():
+        if plan.num_samples == 0:
+            raise SourceError(f"{src}: split {split} has no samples")
+        manifests[split] = _prep_split(options, split, plan, out_url, workers, overwrite, progress)
+    return manifests
+
+
+def _prep_split(options: PrepOptions, split: str, plan: SplitPlan, out_url: str, workers: int,
+                overwrite: bool, progress: bool) -> dict:
+    store = open_store(f"{out_url.rstrip('/')}/{split}")
+    fingerprint = options.fingerprint(split, plan)
+    existing = set(store.list())
+    records: dict[int, dict] = {}
+    for name in sorted(n for n in existing if n.endswith(".done.json")):
+        record = json.loads(store.read_bytes(name))
+        if record.get("fingerprint") != fingerprint:
+            if not overwrite:
+                raise SourceError(
+                    f"{store.url} holds shards made with other options (dataset, split or "
+                    "samples per shard); pass --overwrite to replace them, or choose another --out")
+            continue
+        if record["name"] in existing:
+            records[int(record["name"].split("-")[-1].split(".")[0])] = record
+    if "manifest.json" in existing and not overwrite:
+        manifest = json.loads(store.read_bytes("manifest.json"))
+        if manifest.get("fingerprint") != fingerprint:
+            raise SourceError(f"{store.url}/manifest.json was made with other options; pass --overwrite")
+    num_shards = math.ceil(plan.num_samples / options.samples_per_shard)
+    todo = [i for i in range(num_shards) if i not in records]
+    start = time.perf_counter()
+    bar = tqdm(total=plan.num_samples, unit="img", desc=f"{options.dataset}/{split}", disable=not progress,
+               initial=sum(r["count"] for r in records.values()))
+    _PLANS[split] = plan
+    jobs = [(out_url, options, split, i) for i in todo]
+    if workers > 1 and len(jobs) > 1:
+        with get_context("fork").Pool(min(workers, len(jobs))) as pool:
+            for record in pool.imap_unordered(_build_shard, jobs):
+                records[int(record["name"].split("-")[-1].split(".")[0])] = record
+                bar.update(record["count"])
+    else:
+        for job in jobs:
+            record = _build_shard(job)
+            records[job[3]] = record
+            bar.update(record["count"])
+    bar.close()
+    shards = [records[i] for i in range(num_shards)]
+    n_pix = sum(r["num_pixels"] for r in shards)
+    mean = np.sum([r["pixel_sum"] for r in shards], 0) / n_pix
+    std = np.sqrt(np.sum([r["pixel_sq_sum"] for r in shards], 0) / n_pix - mean ** 2)
+    manifest = {
+        "format": FORMAT,
+        "dataset": options.dataset,
+        "split": split,
+        "how": plan.how,
+        "fingerprint": fingerprint,
+        "num_samples": sum(r["count"] for r in shards),
+        "resolution": plan.resolution,
+        "bits": DATASET_BITS[options.dataset],
+        "channel_mean": [round(float(v), 6) for v in mean],
+        "channel_std": [round(float(v), 6) for v in std],
+        "shards": [{k: r[k] for k in ("name", "count", "bytes", "sha256")} for r in shards],
+        "tool_version": _tool_version(),
+    }
+    store.write_bytes("manifest.json", (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
+    if progress:
+        total_bytes = sum(r["bytes"] for r in shards)
+        print(f"{options.dataset}/{split}: {manifest['num_samples']} samples in {len(shards)} shards, "
+              f"{total_bytes / 2**20:.1f} MiB, {len(todo)} shards written this run, "
+              f"{time.perf_counter() - start:.1f}s -> {store.url}/manifest.json")
+    return manifest
+
+
+def _tool_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("vdvae-pipeline")
+    except Exception:  # running from a checkout without installing
+        return "unknown"

@@ -1,0 +1,22 @@
+"""What a dataset reader hands the shard writer: one plan per split."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+
+class SourceError(ValueError):
+    """The source is missing, empty, or not the named dataset; raised before any work."""
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    num_samples: int
+    how: str
+    """How the split was made, in words a reader can check against the paper's code."""
+    resolution: int
+    get: Callable[[int], tuple[np.ndarray, int | None, dict]]
+    """i -> (uint8 image (H, W, 3), label or None, metadata for the sample's json)."""

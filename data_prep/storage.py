@@ -1,0 +1,185 @@
+"""Storage locations as URLs: `s3://bucket/prefix` or a local folder.
+
+One small interface for the shard writer, the manifest and (later) the
+streaming loader. Writes are atomic: a local file is written under a
+temporary name and renamed; an S3 object becomes visible only when its
+upload completes. So a reader never sees half an object under its final
+name. S3 uses boto3 with the standard AWS configuration chain
+(`AWS_ENDPOINT_URL`, `AWS_PROFILE`, `AWS_ACCESS_KEY_ID`, ...) and retries
+with backoff; credentials never appear in messages.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import urlparse
+
+
+class StorageError(RuntimeError):
+    """An object store operation that failed after retries, named by URL."""
+
+
+class Store(Protocol):
+    url: str
+
+    def exists(self, name: str) -> bool: ...
+
+    def read_bytes(self, name: str) -> bytes: ...
+
+    def write_bytes(self, name: str, data: bytes) -> None: ...
+
+    def put_file(self, name: str, path: Path) -> None: ...
+
+    def list(self) -> list[str]: ...
+
+    def delete(self, name: str) -> None: ...
+
+
+class LocalStore:
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.url = str(self.root)
+
+    def _path(self, name: str) -> Path:
+        return self.root / name
+
+    def exists(self, name: str) -> bool:
+        return self._path(name).is_file()
+
+    def read_bytes(self, name: str) -> bytes:
+        return self._path(name).read_bytes()
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.root)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self._path(name))
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def put_file(self, name: str, path: Path) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f".{name}.{os.getpid()}.tmp"
+        try:
+            if Path(path).resolve().parent == self.root.resolve():
+                os.replace(path, tmp)
+            else:
+                with open(path, "rb") as src, open(tmp, "wb") as dst:
+                    while chunk := src.read(1 << 22):
+                        dst.write(chunk)
+                    dst.flush()
+                    os.fsync(dst.fileno())
+            os.replace(tmp, self._path(name))
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def list(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_file() and not p.name.startswith("."))
+
+    def delete(self, name: str) -> None:
+        self._path(name).unlink(missing_ok=True)
+
+    def scratch_dir(self) -> Path:
+        """A folder for temporary files on the same filesystem (renames stay atomic)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        return self.root
+
+
+class S3Store:
+    def __init__(self, bucket: str, prefix: str):
+        import boto3
+        from botocore.config import Config
+
+        self.bucket, self.prefix = bucket, prefix.strip("/")
+        self.url = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
+        self._client = boto3.client(
+            "s3", config=Config(retries={"max_attempts": 8, "mode": "adaptive"},
+                                connect_timeout=10, read_timeout=60))
+
+    def _key(self, name: str) -> str:
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    def _fail(self, what: str, name: str, err: Exception) -> StorageError:
+        code = getattr(err, "response", {}).get("Error", {}).get("Code", type(err).__name__)
+        return StorageError(f"{what} {self.url}/{name} failed after retries: {code}. Check the bucket, "
+                            "the endpoint (AWS_ENDPOINT_URL) and the credentials (AWS_* variables or profile).")
+
+    def exists(self, name: str) -> bool:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self._client.head_object(Bucket=self.bucket, Key=self._key(name))
+            return True
+        except ClientError as err:
+            if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise self._fail("HEAD", name, err) from None
+        except BotoCoreError as err:
+            raise self._fail("HEAD", name, err) from None
+
+    def read_bytes(self, name: str) -> bytes:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return self._client.get_object(Bucket=self.bucket, Key=self._key(name))["Body"].read()
+        except (BotoCoreError, ClientError) as err:
+            raise self._fail("GET", name, err) from None
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self._client.put_object(Bucket=self.bucket, Key=self._key(name), Body=data)
+        except (BotoCoreError, ClientError) as err:
+            raise self._fail("PUT", name, err) from None
+
+    def put_file(self, name: str, path: Path) -> None:
+        from boto3.exceptions import S3UploadFailedError
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:  # multipart above 8 MiB; the object appears only when complete
+            self._client.upload_file(str(path), self.bucket, self._key(name))
+        except (BotoCoreError, ClientError, S3UploadFailedError) as err:
+            raise self._fail("upload of", name, err) from None
+
+    def list(self) -> list[str]:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        prefix = f"{self.prefix}/" if self.prefix else ""
+        names = []
+        try:
+            for page in self._client.get_paginator("list_objects_v2").paginate(
+                    Bucket=self.bucket, Prefix=prefix, Delimiter="/"):
+                names += [obj["Key"][len(prefix):] for obj in page.get("Contents", [])]
+        except (BotoCoreError, ClientError) as err:
+            raise self._fail("LIST", "", err) from None
+        return sorted(names)
+
+    def delete(self, name: str) -> None:
+        self._client.delete_object(Bucket=self.bucket, Key=self._key(name))
+
+    def scratch_dir(self) -> Path:
+        return Path(tempfile.gettempdir())
+
+
+def open_store(url: str) -> LocalStore | S3Store:
+    """`s3://bucket/prefix` -> S3Store; anything else is a local folder."""
+    parsed = urlparse(url)
+    if parsed.scheme == "s3":
+        if not parsed.netloc:
+            raise ValueError(f"{url!r}: an S3 URL needs a bucket, as in s3://bucket/prefix")
+        return S3Store(parsed.netloc, parsed.path)
+    if parsed.scheme not in ("", "file"):
+        raise ValueError(f"{url!r}: storage must be s3://bucket/prefix or a local folder")
+    return LocalStore(parsed.path if parsed.scheme == "file" else url)

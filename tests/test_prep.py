@@ -1,0 +1,180 @@
+"""`vdvae prep`: CIFAR-10 to deterministic webdataset shards plus a manifest, resumable."""
+
+import io
+import json
+import pickle
+import subprocess
+
+import numpy as np
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from data_prep import cifar10
+from data_prep.prep import prep
+from data_prep.source import SourceError
+from data_prep.storage import StorageError
+from pipeline.cli import main as cli_main
+
+NUM_PER_BATCH, NUM_TEST = 1100, 100  # 5500 training images: 5000 valid (as the paper), 500 train
+
+
+def test_cifar10_split_is_scikit_learns():
+    from sklearn.model_selection import train_test_split
+
+    train, valid = train_test_split(np.arange(50_000), test_size=5000, random_state=11172018)
+    ours_train, ours_valid = cifar10.split_indices()
+    assert np.array_equal(ours_train, train) and np.array_equal(ours_valid, valid)
+
+
+@pytest.fixture(scope="module")
+def cifar_src(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cifar") / "cifar-10-batches-py"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    images = {}
+    for name, n in [*((f"data_batch_{i}", NUM_PER_BATCH) for i in range(1, 6)), ("test_batch", NUM_TEST)]:
+        data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        labels = rng.integers(0, 10, n).tolist()
+        with open(root / name, "wb") as f:
+            pickle.dump({"data": data, "labels": labels}, f)
+        images[name] = (data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels)
+    return root.parent, images
+
+
+def read_split(folder):
+    manifest = json.loads((folder / "manifest.json").read_text())
+    urls = [str(folder / s["name"]) for s in manifest["shards"]]
+    samples = list(wds.WebDataset(urls, shardshuffle=False).decode("rgb8"))
+    return manifest, samples
+
+
+def test_prep_writes_the_official_splits(cifar_src, tmp_path):
+    src, images = cifar_src
+    prep("cifar10", src, str(tmp_path / "out"), samples_per_shard=700, progress=False)
+    train_x = np.concatenate([images[f"data_batch_{i}"][0] for i in range(1, 6)])
+    train_y = sum((images[f"data_batch_{i}"][1] for i in range(1, 6)), [])
+    tr, va = cifar10.split_indices(len(train_x))
+    for split, indices, xs, ys in [("train", tr, train_x, train_y), ("valid", va, train_x, train_y),
+                                   ("test", np.arange(NUM_TEST), *images["test_batch"])]:
+        manifest, samples = read_split(tmp_path / "out" / split)
+        assert manifest["num_samples"] == len(indices) == len(samples)
+        assert [s["count"] for s in manifest["shards"]] == [min(700, len(indices) - i) for i in range(0, len(indices), 700)]
+        assert [s["json"]["index"] for s in samples] == [int(i) for i in indices]  # order kept
+        for s in samples[:50]:
+            i = s["json"]["index"]
+            assert np.array_equal(s["png"], xs[i]) and s["cls"] == ys[i]
+            assert (s["json"]["width"], s["json"]["height"], s["json"]["source"]) == (32, 32, "cifar10")
+        assert manifest["resolution"] == 32 and manifest["bits"] == 8
+        assert ("test_batch" if split == "test" else "random_state=11172018") in manifest["how"]
+        pixels = xs[indices].reshape(-1, 3).astype(np.float64)
+        assert np.allclose(manifest["channel_mean"], pixels.mean(0), atol=1e-4)
+        assert np.allclose(manifest["channel_std"], pixels.std(0), atol=1e-3)
+    listing = subprocess.run(["tar", "-tf", str(tmp_path / "out/test/test-000000.tar")],
+                             capture_output=True, text=True, check=True).stdout.split()
+    assert listing[:3] == ["test0000000.png", "test0000000.json", "test0000000.cls"]
+
+
+def test_reruns_are_byte_identical_and_resume_only_what_is_missing(cifar_src, tmp_path):
+    src, _ = cifar_src
+    a, b = tmp_path / "a", tmp_path / "b"
+    prep("cifar10", src, str(a), samples_per_shard=1000, progress=False)
+    prep("cifar10", src, str(b), samples_per_shard=1000, workers=2, progress=False)
+    for split in ("train", "valid", "test"):
+        assert (a / split / "manifest.json").read_bytes() == (b / split / "manifest.json").read_bytes()
+        for shard in (a / split).glob("*.tar"):
+            assert shard.read_bytes() == (b / split / shard.name).read_bytes()
+    # an interrupted run: a shard that never got its record, one missing, no manifest
+    valid = b / "valid"
+    reference = (valid / "manifest.json").read_bytes()
+    (valid / "manifest.json").unlink()
+    (valid / "valid-000002.done.json").unlink()
+    (valid / "valid-000003.tar").unlink()
+    (valid / "valid-000001.tar").write_bytes(b"half a shard")  # killed mid-upload: no record yet
+    (valid / "valid-000001.done.json").unlink()
+    stamp = (valid / "valid-000000.tar").stat().st_mtime_ns
+    prep("cifar10", src, str(b), samples_per_shard=1000, progress=False)
+    assert (valid / "manifest.json").read_bytes() == reference
+    assert (valid / "valid-000000.tar").stat().st_mtime_ns == stamp  # done shards are not redone
+    for shard in (a / "valid").glob("*.tar"):
+        assert shard.read_bytes() == (valid / shard.name).read_bytes()
+
+
+def test_other_options_are_refused_unless_overwrite(cifar_src, tmp_path):
+    src, _ = cifar_src
+    prep("cifar10", src, str(tmp_path), samples_per_shard=1000, progress=False)
+    with pytest.raises(SourceError, match="--overwrite"):
+        prep("cifar10", src, str(tmp_path), samples_per_shard=900, progress=False)
+    prep("cifar10", src, str(tmp_path), samples_per_shard=900, overwrite=True, progress=False)
+    manifest, samples = read_split(tmp_path / "test")
+    assert [s["count"] for s in manifest["shards"]] == [100] and len(samples) == 100
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("missing", "does not exist"),
+    ("empty", "not the CIFAR-10 python release"),
+    ("foreign", "not the CIFAR-10 python release"),
+])
+def test_bad_sources_fail_before_any_work(tmp_path, kind, message):
+    src = tmp_path / "src"
+    if kind != "missing":
+        src.mkdir()
+    if kind == "foreign":  # some other dataset's files
+        (src / "train_data_batch_1").write_text("x")
+    with pytest.raises(SourceError, match=message):
+        prep("cifar10", src, str(tmp_path / "out"), progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_corrupt_batch_file_is_named(cifar_src, tmp_path):
+    src, _ = cifar_src
+    bad = tmp_path / "cifar-10-batches-py"
+    bad.mkdir()
+    for f in (src / "cifar-10-batches-py").iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    (bad / "data_batch_3").write_bytes((bad / "data_batch_3").read_bytes()[:1000])
+    with pytest.raises(SourceError, match="data_batch_3: not a readable CIFAR-10 batch"):
+        prep("cifar10", tmp_path, str(tmp_path / "out"), progress=False)
+
+
+def test_prep_command(cifar_src, tmp_path, capsys):
+    src, _ = cifar_src
+    assert cli_main(["prep", "cifar10", "--src", str(src), "--out", str(tmp_path / "o"),
+                     "--samples-per-shard", "2000"]) == 0
+    out = capsys.readouterr().out
+    assert "cifar10/valid: 5000 samples in 3 shards" in out
+    assert cli_main(["prep", "cifar10", "--src", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_prep_to_s3_resumes_and_matches_local(cifar_src, tmp_path, bucket, s3_server):
+    """A real SeaweedFS S3 server: the same shards as a local run; a rerun adds only what is missing."""
+    src, _ = cifar_src
+    prep("cifar10", src, str(tmp_path / "local"), samples_per_shard=1000, progress=False)
+    url = f"s3://{bucket}/cifar10"
+    prep("cifar10", src, url, samples_per_shard=1000, workers=2, progress=False)
+    client = s3_server["client"]
+
+    def get(key):
+        return client.get_object(Bucket=bucket, Key=f"cifar10/{key}")["Body"].read()
+
+    for split in ("train", "valid", "test"):
+        assert get(f"{split}/manifest.json") == (tmp_path / "local" / split / "manifest.json").read_bytes()
+    for shard in (tmp_path / "local" / "valid").glob("*.tar"):
+        assert get(f"valid/{shard.name}") == shard.read_bytes()
+    client.delete_object(Bucket=bucket, Key="cifar10/valid/valid-000004.tar")
+    client.delete_object(Bucket=bucket, Key="cifar10/valid/manifest.json")
+    before = client.head_object(Bucket=bucket, Key="cifar10/valid/valid-000000.tar")["LastModified"]
+    prep("cifar10", src, url, samples_per_shard=1000, progress=False)
+    assert get("valid/manifest.json") == (tmp_path / "local" / "valid" / "manifest.json").read_bytes()
+    assert get("valid/valid-000004.tar") == (tmp_path / "local" / "valid" / "valid-000004.tar").read_bytes()
+    assert client.head_object(Bucket=bucket, Key="cifar10/valid/valid-000000.tar")["LastModified"] == before
+
+
+def test_s3_errors_name_the_object_not_the_credentials(s3_server, tmp_path, cifar_src, monkeypatch):
+    src, _ = cifar_src
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "Sekr1tValueThatMustNotLeak")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDMUSTNOTLEAK")
+    with pytest.raises(StorageError, match=r"s3://no-such-bucket-here/x/train.*AWS_ENDPOINT_URL") as info:
+        prep("cifar10", src, "s3://no-such-bucket-here/x", progress=False)
+    assert "Sekr1t" not in str(info.value) and "AKIDMUSTNOTLEAK" not in str(info.value)
