@@ -62,7 +62,7 @@ def plan(src: Path) -> dict[str, SplitPlan]:
         return SplitPlan(
             num_samples=len(indices), how=how, resolution=32,
             get=lambda i: (images[indices[i]], int(labels[indices[i]]),
-                           {"source": "cifar10", "file": source_files, "index": int(indices[i])}))
+                           {"source": "cifar10", "file": source_files, "index": int(indices[i])}, None))
 
     return {
         "train": split(train_x, train_y, tr, how_trva, "data_batch_1-5"),

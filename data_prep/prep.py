@@ -25,20 +25,22 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from . import cifar10
+from . import cifar10, ffhq
 from .shards import Sample, ShardInfo, write_shard
-from .source import SourceError, SplitPlan
+from .source import Rejected, SourceError, SplitPlan
 from .storage import open_store
 
 FORMAT = "vdvae-shards/1"
-READERS = {"cifar10": cifar10.plan}
-DATASET_BITS = {"cifar10": 8}
+READERS = {"cifar10": cifar10.plan, "ffhq1024": ffhq.plan_1024, "ffhq256": ffhq.plan_256}
+DATASET_BITS = {"cifar10": 8, "ffhq1024": 8, "ffhq256": 5}
 
 
 @dataclass(frozen=True)
 class PrepOptions:
     dataset: str
     samples_per_shard: int = 5000
+    strict: bool = False
+    """Stop at the first bad input item instead of listing it in the manifest's rejections."""
 
     def __post_init__(self) -> None:
         if self.dataset not in READERS:
@@ -74,15 +76,21 @@ def _build_shard(args) -> dict:
     store = open_store(f"{out_url.rstrip('/')}/{split}")
     start = index * options.samples_per_shard
     stop = min(start + options.samples_per_shard, plan.num_samples)
-    samples, sums, sqs, num_pixels = [], np.zeros(3), np.zeros(3), 0
+    samples, sums, sqs, num_pixels, rejections = [], np.zeros(3), np.zeros(3), 0, []
     for i in range(start, stop):
-        image, label, meta = plan.get(i)
+        try:
+            image, label, meta, encoded = plan.get(i)
+        except Rejected as bad:
+            if options.strict:
+                raise SourceError(f"{bad} (stopping: --strict)") from None
+            rejections.append({"file": bad.file, "reason": bad.reason})
+            continue
         pixels = image.reshape(-1, 3).astype(np.float64)
         num_pixels += len(pixels)
         sums += pixels.sum(0)
         sqs += (pixels ** 2).sum(0)
         meta = dict(meta, width=int(image.shape[1]), height=int(image.shape[0]))
-        samples.append(Sample(f"{split}{i:07d}", encode_png(image), meta, label))
+        samples.append(Sample(f"{split}{i:07d}", encoded or encode_png(image), meta, label))
     name = _shard_name(split, index)
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=store.scratch_dir())
     os.close(fd)
@@ -93,15 +101,16 @@ def _build_shard(args) -> dict:
         Path(tmp).unlink(missing_ok=True)
     record = {"fingerprint": options.fingerprint(split, plan), "name": name, "count": len(samples),
               "bytes": size, "sha256": sha, "pixel_sum": sums.tolist(), "pixel_sq_sum": sqs.tolist(),
-              "num_pixels": num_pixels}
+              "num_pixels": num_pixels, "rejections": rejections}
     store.write_bytes(name.replace(".tar", ".done.json"), json.dumps(record, sort_keys=True).encode())
     return record
 
 
 def prep(dataset: str, src: str | os.PathLike, out_url: str, samples_per_shard: int = 5000,
-         workers: int = 1, overwrite: bool = False, progress: bool = True) -> dict[str, dict]:
+         workers: int = 1, overwrite: bool = False, strict: bool = False,
+         progress: bool = True) -> dict[str, dict]:
     """Shard every split of `dataset` from `src` to `out_url`; return the manifests."""
-    options = PrepOptions(dataset, samples_per_shard)
+    options = PrepOptions(dataset, samples_per_shard, strict)
     if not Path(src).exists():
         raise SourceError(f"source {src} does not exist")
     plans = READERS[dataset](Path(src))
@@ -167,6 +176,7 @@ def _prep_split(options: PrepOptions, split: str, plan: SplitPlan, out_url: str,
         "channel_mean": [round(float(v), 6) for v in mean],
         "channel_std": [round(float(v), 6) for v in std],
         "shards": [{k: r[k] for k in ("name", "count", "bytes", "sha256")} for r in shards],
+        "rejections": [bad for r in shards for bad in r["rejections"]],
         "tool_version": _tool_version(),
     }
     store.write_bytes("manifest.json", (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())

@@ -44,7 +44,7 @@ def _cmd_prep(args: argparse.Namespace) -> int:
     from data_prep.prep import prep
 
     prep(args.dataset, args.src, args.out, samples_per_shard=args.samples_per_shard,
-         workers=args.workers, overwrite=args.overwrite)
+         workers=args.workers, overwrite=args.overwrite, strict=args.strict)
     return 0
 
 
@@ -86,13 +86,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Read a dataset as it is distributed, split it as the official code does, and "
                     "write <out>/<split>/<split>-NNNNNN.tar shards and <out>/<split>/manifest.json. "
                     "Rerunning after an interruption completes only what is missing.")
-    p.add_argument("dataset", choices=["cifar10"], help="the dataset (more readers are coming)")
-    p.add_argument("--src", required=True, help="the dataset folder (cifar10: cifar-10-batches-py/)")
+    p.add_argument("dataset", choices=["cifar10", "ffhq1024", "ffhq256"],
+                   help="the dataset (ImageNet and image-folder readers are coming)")
+    p.add_argument("--src", required=True,
+                   help="the dataset folder: cifar-10-batches-py/ (cifar10); images1024x1024/ or a flat "
+                        "folder of 00000.png ... 69999.png (ffhq1024, ffhq256)")
     p.add_argument("--out", required=True, help="s3://bucket/prefix or a local folder")
     p.add_argument("--samples-per-shard", type=int, default=5000, help="default: 5000")
     p.add_argument("--workers", type=int, default=1, help="local worker processes (default: 1)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace existing output made with other options")
+    p.add_argument("--strict", action="store_true",
+                   help="stop at the first bad image instead of listing it in the manifest's rejections")
     p.set_defaults(func=_cmd_prep)
 
     p = sub.add_parser(

@@ -1,0 +1,108 @@
+"""FFHQ from the release's `images1024x1024/` (subfolders 00000/, 01000/, ...) or a flat folder.
+
+ffhq1024: the original PNG bytes, never re-encoded, each checked to decode
+as 1024x1024 RGB; files 00000-64999 train, 65000-69999 valid (the official
+code evaluates its test bits/dim on the valid files).
+ffhq256: each image resized to 256 px with antialiased bilinear filtering
+and stored as PNG; valid = the last 7000 of `numpy.random.seed(5);
+numpy.random.permutation(70000)`, the rest train, in permutation order.
+A partial download shards what is there, each file into the split its
+number gives it.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .source import Rejected, SourceError, SplitPlan
+
+NUM_IMAGES = 70_000
+FIRST_VALID_1024 = 65_000
+SPLIT_SEED_256, NUM_VALID_256 = 5, 7000
+_NAME = re.compile(r"^(\d{5})\.png$")
+
+
+def find_images(src: Path) -> dict[int, Path]:
+    """Image number -> file, from a release layout (NNN00/NNNNN.png) or a flat folder."""
+    src = Path(src)
+    root = src / "images1024x1024" if (src / "images1024x1024").is_dir() else src
+    files: dict[int, Path] = {}
+    for path in [*root.glob("*.png"), *root.glob("[0-9][0-9][0-9][0-9][0-9]/*.png")]:
+        match = _NAME.match(path.name)
+        if match and int(match.group(1)) < NUM_IMAGES:
+            files[int(match.group(1))] = path
+    if not files:
+        raise SourceError(
+            f"{src} holds no FFHQ images: expected images1024x1024/ with subfolders 00000/, 01000/, "
+            "... holding 00000.png ... 69999.png (the release layout), or a flat folder of those files")
+    return dict(sorted(files.items()))
+
+
+def _decode(path: Path, size: int) -> tuple[np.ndarray, bytes]:
+    try:
+        data = path.read_bytes()
+        with Image.open(io.BytesIO(data)) as image:
+            if image.format != "PNG":
+                raise Rejected(str(path), f"not a PNG file ({image.format})")
+            if image.size != (size, size):
+                raise Rejected(str(path), f"{image.size[0]}x{image.size[1]}, expected {size}x{size}")
+            if image.mode != "RGB":
+                raise Rejected(str(path), f"mode {image.mode}, expected RGB")
+            return np.asarray(image.convert("RGB")), data
+    except Rejected:
+        raise
+    except Exception as err:  # truncated or unreadable
+        raise Rejected(str(path), f"unreadable ({type(err).__name__}: {err})") from None
+
+
+def _meta(number: int, path: Path) -> dict:
+    return {"source": "ffhq", "index": number, "file": f"{number:05d}.png"}
+
+
+def plan_1024(src: Path) -> dict[str, SplitPlan]:
+    files = find_images(src)
+    splits = {"train": [n for n in files if n < FIRST_VALID_1024],
+              "valid": [n for n in files if n >= FIRST_VALID_1024]}
+
+    def get(numbers):
+        def item(i):
+            image, data = _decode(files[numbers[i]], 1024)
+            return image, None, _meta(numbers[i], files[numbers[i]]), data
+        return item
+
+    how = {"train": "files 00000-64999", "valid": "files 65000-69999 (also the test set)"}
+    return {split: SplitPlan(len(numbers), how[split], 1024, get(numbers))
+            for split, numbers in splits.items() if numbers}
+
+
+def resize_256(image: np.ndarray) -> np.ndarray:
+    """1024 -> 256 px, bilinear with antialiasing (PIL's filter support scales with the factor)."""
+    return np.asarray(Image.fromarray(image).resize((256, 256), Image.Resampling.BILINEAR, reducing_gap=None))
+
+
+def split_256() -> tuple[np.ndarray, np.ndarray]:
+    """(train, valid) image numbers of the official ffhq-256 split, in permutation order."""
+    perm = np.random.RandomState(SPLIT_SEED_256).permutation(NUM_IMAGES)
+    return perm[:-NUM_VALID_256], perm[-NUM_VALID_256:]
+
+
+def plan_256(src: Path) -> dict[str, SplitPlan]:
+    files = find_images(src)
+    train, valid = split_256()
+    splits = {"train": [int(n) for n in train if n in files], "valid": [int(n) for n in valid if n in files]}
+
+    def get(numbers):
+        def item(i):
+            image, _ = _decode(files[numbers[i]], 1024)
+            return resize_256(image), None, _meta(numbers[i], files[numbers[i]]), None
+        return item
+
+    how = (f"numpy.random.seed({SPLIT_SEED_256}); permutation({NUM_IMAGES}): last {NUM_VALID_256} "
+           "valid (also the test set), the rest train; bilinear antialiased resize to 256 px")
+    return {split: SplitPlan(len(numbers), how, 256, get(numbers))
+            for split, numbers in splits.items() if numbers}
