@@ -25,14 +25,21 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from . import cifar10, ffhq
+from . import cifar10, ffhq, folder, imagenet
 from .shards import Sample, ShardInfo, write_shard
 from .source import Rejected, SourceError, SplitPlan
 from .storage import open_store
 
 FORMAT = "vdvae-shards/1"
-READERS = {"cifar10": cifar10.plan, "ffhq1024": ffhq.plan_1024, "ffhq256": ffhq.plan_256}
-DATASET_BITS = {"cifar10": 8, "ffhq1024": 8, "ffhq256": 5}
+READERS = {
+    "cifar10": cifar10.plan,
+    "imagenet32": lambda src: imagenet.plan(src, 32),
+    "imagenet64": lambda src: imagenet.plan(src, 64),
+    "ffhq256": ffhq.plan_256,
+    "ffhq1024": ffhq.plan_1024,
+    "folder": folder.plan,
+}
+DATASET_BITS = {"cifar10": 8, "imagenet32": 8, "imagenet64": 8, "ffhq256": 5, "ffhq1024": 8, "folder": 8}
 
 
 @dataclass(frozen=True)
@@ -41,12 +48,25 @@ class PrepOptions:
     samples_per_shard: int = 5000
     strict: bool = False
     """Stop at the first bad input item instead of listing it in the manifest's rejections."""
+    resolution: int | None = None
+    """folder only: the side of the square images written."""
+    num_valid: int | None = None
+    """folder only: how many images to hold out for validation."""
 
     def __post_init__(self) -> None:
         if self.dataset not in READERS:
             raise ValueError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(READERS)}")
         if self.samples_per_shard <= 0:
             raise ValueError(f"samples_per_shard={self.samples_per_shard} must be positive")
+        if (self.dataset == "folder") != (self.resolution is not None):
+            raise ValueError("--resolution is required for `folder` and only for it")
+        if self.resolution is not None and not 1 <= self.resolution <= 4096:
+            raise ValueError(f"--resolution {self.resolution}: expected 1 to 4096 pixels")
+
+    def reader_args(self) -> dict:
+        if self.dataset != "folder":
+            return {}
+        return {"resolution": self.resolution, "num_valid": 0 if self.num_valid is None else self.num_valid}
 
     def fingerprint(self, split: str, plan: SplitPlan) -> str:
         text = json.dumps([FORMAT, self.dataset, split, self.samples_per_shard, plan.num_samples,
@@ -107,13 +127,13 @@ def _build_shard(args) -> dict:
 
 
 def prep(dataset: str, src: str | os.PathLike, out_url: str, samples_per_shard: int = 5000,
-         workers: int = 1, overwrite: bool = False, strict: bool = False,
-         progress: bool = True) -> dict[str, dict]:
+         workers: int = 1, overwrite: bool = False, strict: bool = False, progress: bool = True,
+         resolution: int | None = None, num_valid: int | None = None) -> dict[str, dict]:
     """Shard every split of `dataset` from `src` to `out_url`; return the manifests."""
-    options = PrepOptions(dataset, samples_per_shard, strict)
+    options = PrepOptions(dataset, samples_per_shard, strict, resolution, num_valid)
     if not Path(src).exists():
         raise SourceError(f"source {src} does not exist")
-    plans = READERS[dataset](Path(src))
+    plans = READERS[dataset](Path(src), **options.reader_args())
     manifests = {}
     for split, plan in plans.items():
         if plan.num_samples == 0:

@@ -44,7 +44,8 @@ def _cmd_prep(args: argparse.Namespace) -> int:
     from data_prep.prep import prep
 
     prep(args.dataset, args.src, args.out, samples_per_shard=args.samples_per_shard,
-         workers=args.workers, overwrite=args.overwrite, strict=args.strict)
+         workers=args.workers, overwrite=args.overwrite, strict=args.strict,
+         resolution=args.resolution, num_valid=args.num_valid)
     return 0
 
 
@@ -86,16 +87,20 @@ def build_parser() -> argparse.ArgumentParser:
         description="Read a dataset as it is distributed, split it as the official code does, and "
                     "write <out>/<split>/<split>-NNNNNN.tar shards and <out>/<split>/manifest.json. "
                     "Rerunning after an interruption completes only what is missing.")
-    p.add_argument("dataset", choices=["cifar10", "ffhq1024", "ffhq256"],
-                   help="the dataset (ImageNet and image-folder readers are coming)")
+    p.add_argument("dataset", choices=["cifar10", "imagenet32", "imagenet64", "ffhq256", "ffhq1024", "folder"],
+                   help="the dataset; `folder`: any folder of images, center-cropped and resized")
     p.add_argument("--src", required=True,
-                   help="the dataset folder: cifar-10-batches-py/ (cifar10); images1024x1024/ or a flat "
-                        "folder of 00000.png ... 69999.png (ffhq1024, ffhq256)")
+                   help="the dataset folder: cifar-10-batches-py/ (cifar10); train_32x32/ + valid_32x32/ "
+                        "or train_data_batch_1..10 + val_data (imagenet32, and 64 alike); "
+                        "images1024x1024/ or a flat folder of 00000.png ... 69999.png (ffhq256, ffhq1024); "
+                        "any folder of images (folder)")
     p.add_argument("--out", required=True, help="s3://bucket/prefix or a local folder")
     p.add_argument("--samples-per-shard", type=int, default=5000, help="default: 5000")
     p.add_argument("--workers", type=int, default=1, help="local worker processes (default: 1)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace existing output made with other options")
+    p.add_argument("--resolution", type=int, help="folder: side of the square images written")
+    p.add_argument("--num-valid", type=int, help="folder: images held out for validation (default 0)")
     p.add_argument("--strict", action="store_true",
                    help="stop at the first bad image instead of listing it in the manifest's rejections")
     p.set_defaults(func=_cmd_prep)

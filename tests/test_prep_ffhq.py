@@ -97,3 +97,32 @@ def test_not_ffhq_fails_before_any_work(tmp_path):
     with pytest.raises(SourceError, match="holds no FFHQ images"):
         prep("ffhq1024", tmp_path / "src", str(tmp_path / "out"), progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_image_folder_center_crop_resize(tmp_path):
+    from data_prep.folder import center_crop_resize
+
+    src = tmp_path / "photos" / "a"
+    src.mkdir(parents=True)
+    wide = np.zeros((40, 80, 3), np.uint8)
+    wide[:, 20:60] = 200  # the center square is uniform
+    Image.fromarray(wide).save(src / "wide.png")
+    for i in range(5):
+        Image.fromarray(face(i)[:300, :200]).save(src / f"p{i}.jpg")
+    (src / "broken.jpg").write_bytes(b"\xff\xd8 not really")
+    prep("folder", tmp_path / "photos", str(tmp_path / "out"), resolution=16, num_valid=2, progress=False)
+    train, train_s = read(tmp_path / "out" / "train")
+    valid, valid_s = read(tmp_path / "out" / "valid")
+    assert train["num_samples"] + valid["num_samples"] == 6  # 7 files, one broken
+    assert valid["num_samples"] + len(valid["rejections"]) == 2
+    rejected = train["rejections"] + valid["rejections"]
+    assert [r["file"].rsplit("/", 1)[-1] for r in rejected] == ["broken.jpg"]
+    for s in train_s + valid_s:
+        meta = json.loads(s["json"])
+        image = np.asarray(Image.open(io.BytesIO(s["png"])))
+        with Image.open(tmp_path / "photos" / meta["file"]) as original:
+            assert np.array_equal(image, center_crop_resize(original.convert("RGB"), 16))
+        if meta["file"].endswith("wide.png"):
+            assert (image == 200).all()
+    with pytest.raises(ValueError, match="--resolution is required"):
+        prep("folder", tmp_path / "photos", str(tmp_path / "o2"), progress=False)
