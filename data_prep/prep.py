@@ -29,6 +29,7 @@ from . import cifar10, ffhq, folder, imagenet
 from .shards import Sample, ShardInfo, write_shard
 from .source import Rejected, SourceError, SplitPlan
 from .storage import open_store
+from pipeline.environment import Ranks
 
 FORMAT = "vdvae-shards/1"
 READERS = {
@@ -128,58 +129,105 @@ def _build_shard(args) -> dict:
 
 def prep(dataset: str, src: str | os.PathLike, out_url: str, samples_per_shard: int = 5000,
          workers: int = 1, overwrite: bool = False, strict: bool = False, progress: bool = True,
-         resolution: int | None = None, num_valid: int | None = None) -> dict[str, dict]:
-    """Shard every split of `dataset` from `src` to `out_url`; return the manifests."""
+         resolution: int | None = None, num_valid: int | None = None,
+         ranks: Ranks | None = None, finalize_only: bool = False) -> dict[str, dict]:
+    """Shard every split of `dataset` from `src` to `out_url`; return the manifests written.
+
+    ranks: this process's share of the shards (shard i goes to rank i % world).
+    Under MPI every rank builds its share, all meet at a barrier, and rank 0
+    writes the manifests. A Slurm array task builds its share only; a
+    finalize step (`finalize_only`) then writes the manifests once every
+    shard is in the store. A single process does both.
+    """
     options = PrepOptions(dataset, samples_per_shard, strict, resolution, num_valid)
+    ranks = ranks or Ranks(0, 1, "single")
     if not Path(src).exists():
         raise SourceError(f"source {src} does not exist")
     plans = READERS[dataset](Path(src), **options.reader_args())
-    manifests = {}
     for split, plan in plans.items():
         if plan.num_samples == 0:
             raise SourceError(f"{src}: split {split} has no samples")
-        manifests[split] = _prep_split(options, split, plan, out_url, workers, overwrite, progress)
-    return manifests
+    if not finalize_only:
+        for split, plan in plans.items():
+            _check_existing(options, split, plan, out_url, overwrite)
+        for split, plan in plans.items():
+            _build_split(options, split, plan, out_url, workers, ranks, progress)
+    if ranks.is_mpi and ranks.world > 1:
+        from mpi4py import MPI
+
+        MPI.COMM_WORLD.Barrier()
+    if ranks.rank != 0 or (ranks.launcher == "slurm-array" and not finalize_only):
+        if progress and ranks.launcher == "slurm-array":
+            print(f"array task {ranks.rank}/{ranks.world} done; run the same command with --finalize "
+                  "once every task has finished, to write the manifests")
+        return {}
+    return {split: _finalize_split(options, split, plan, out_url, progress) for split, plan in plans.items()}
 
 
-def _prep_split(options: PrepOptions, split: str, plan: SplitPlan, out_url: str, workers: int,
-                overwrite: bool, progress: bool) -> dict:
+def _records(store, fingerprint: str) -> dict[int, dict]:
+    """Shard index -> record, for the shards complete in the store and made with these options."""
+    names = set(store.list())
+    records = {}
+    for name in sorted(n for n in names if n.endswith(".done.json")):
+        record = json.loads(store.read_bytes(name))
+        if record.get("fingerprint") == fingerprint and record["name"] in names:
+            records[int(record["name"].split("-")[-1].split(".")[0])] = record
+    return records
+
+
+def _check_existing(options: PrepOptions, split: str, plan: SplitPlan, out_url: str, overwrite: bool) -> None:
+    """Refuse output made with other options (unless overwrite), before any work."""
+    if overwrite:
+        return
     store = open_store(f"{out_url.rstrip('/')}/{split}")
     fingerprint = options.fingerprint(split, plan)
-    existing = set(store.list())
-    records: dict[int, dict] = {}
-    for name in sorted(n for n in existing if n.endswith(".done.json")):
-        record = json.loads(store.read_bytes(name))
-        if record.get("fingerprint") != fingerprint:
-            if not overwrite:
-                raise SourceError(
-                    f"{store.url} holds shards made with other options (dataset, split or "
-                    "samples per shard); pass --overwrite to replace them, or choose another --out")
-            continue
-        if record["name"] in existing:
-            records[int(record["name"].split("-")[-1].split(".")[0])] = record
-    if "manifest.json" in existing and not overwrite:
-        manifest = json.loads(store.read_bytes("manifest.json"))
-        if manifest.get("fingerprint") != fingerprint:
-            raise SourceError(f"{store.url}/manifest.json was made with other options; pass --overwrite")
+    names = store.list()
+    for name in [n for n in names if n.endswith(".done.json")][:1] + (["manifest.json"] if "manifest.json" in names else []):
+        if json.loads(store.read_bytes(name)).get("fingerprint") != fingerprint:
+            raise SourceError(
+                f"{store.url} holds shards made with other options (dataset, split or "
+                "samples per shard); pass --overwrite to replace them, or choose another --out")
+
+
+def _build_split(options: PrepOptions, split: str, plan: SplitPlan, out_url: str, workers: int,
+                 ranks: Ranks, progress: bool) -> None:
+    store = open_store(f"{out_url.rstrip('/')}/{split}")
+    records = _records(store, options.fingerprint(split, plan))
     num_shards = math.ceil(plan.num_samples / options.samples_per_shard)
-    todo = [i for i in range(num_shards) if i not in records]
+    mine = range(ranks.rank, num_shards, ranks.world)
+    todo = [i for i in mine if i not in records]
+    shard_size = lambda i: min(options.samples_per_shard, plan.num_samples - i * options.samples_per_shard)  # noqa: E731
     start = time.perf_counter()
-    bar = tqdm(total=plan.num_samples, unit="img", desc=f"{options.dataset}/{split}", disable=not progress,
-               initial=sum(r["count"] for r in records.values()))
+    bar = tqdm(total=sum(shard_size(i) for i in mine), unit="img", disable=not progress,
+               desc=f"{options.dataset}/{split}" + (f" rank {ranks.rank}/{ranks.world}" if ranks.world > 1 else ""),
+               initial=sum(shard_size(i) for i in mine if i in records))
     _PLANS[split] = plan
     jobs = [(out_url, options, split, i) for i in todo]
     if workers > 1 and len(jobs) > 1:
         with get_context("fork").Pool(min(workers, len(jobs))) as pool:
-            for record in pool.imap_unordered(_build_shard, jobs):
-                records[int(record["name"].split("-")[-1].split(".")[0])] = record
-                bar.update(record["count"])
+            for i, _ in zip(todo, pool.imap(_build_shard, jobs)):
+                bar.update(shard_size(i))
     else:
-        for job in jobs:
-            record = _build_shard(job)
-            records[job[3]] = record
-            bar.update(record["count"])
+        for i, job in zip(todo, jobs):
+            _build_shard(job)
+            bar.update(shard_size(i))
     bar.close()
+    if progress:
+        print(f"{options.dataset}/{split}: {len(todo)} of {len(mine)} shards written this run "
+              f"({len(mine) - len(todo)} already done), {time.perf_counter() - start:.1f}s")
+
+
+def _finalize_split(options: PrepOptions, split: str, plan: SplitPlan, out_url: str, progress: bool) -> dict:
+    """Write the split's manifest from the shard records: only when every shard is complete."""
+    store = open_store(f"{out_url.rstrip('/')}/{split}")
+    fingerprint = options.fingerprint(split, plan)
+    records = _records(store, fingerprint)
+    num_shards = math.ceil(plan.num_samples / options.samples_per_shard)
+    missing = [i for i in range(num_shards) if i not in records]
+    if missing:
+        raise SourceError(f"{store.url}: {len(missing)} of {num_shards} shards are not complete "
+                          f"({', '.join(_shard_name(split, i) for i in missing[:5])}{' ...' if len(missing) > 5 else ''}); "
+                          "run the prep again (or the array tasks that failed), then finalize")
     shards = [records[i] for i in range(num_shards)]
     n_pix = sum(r["num_pixels"] for r in shards)
     mean = np.sum([r["pixel_sum"] for r in shards], 0) / n_pix
@@ -203,8 +251,8 @@ def _prep_split(options: PrepOptions, split: str, plan: SplitPlan, out_url: str,
     if progress:
         total_bytes = sum(r["bytes"] for r in shards)
         print(f"{options.dataset}/{split}: {manifest['num_samples']} samples in {len(shards)} shards, "
-              f"{total_bytes / 2**20:.1f} MiB, {len(todo)} shards written this run, "
-              f"{time.perf_counter() - start:.1f}s -> {store.url}/manifest.json")
+              f"{total_bytes / 2**20:.1f} MiB, {len(manifest['rejections'])} rejected "
+              f"-> {store.url}/manifest.json")
     return manifest
 
 

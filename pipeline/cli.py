@@ -43,9 +43,13 @@ def _cmd_import_official(args: argparse.Namespace) -> int:
 def _cmd_prep(args: argparse.Namespace) -> int:
     from data_prep.prep import prep
 
+    from .environment import detect_ranks
+
+    ranks = detect_ranks()
     prep(args.dataset, args.src, args.out, samples_per_shard=args.samples_per_shard,
          workers=args.workers, overwrite=args.overwrite, strict=args.strict,
-         resolution=args.resolution, num_valid=args.num_valid)
+         resolution=args.resolution, num_valid=args.num_valid, ranks=ranks,
+         finalize_only=args.finalize, progress=ranks.rank == 0 or ranks.launcher == "slurm-array")
     return 0
 
 
@@ -86,7 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
         "prep", help="shard a dataset into webdataset tars plus a manifest, locally or on S3",
         description="Read a dataset as it is distributed, split it as the official code does, and "
                     "write <out>/<split>/<split>-NNNNNN.tar shards and <out>/<split>/manifest.json. "
-                    "Rerunning after an interruption completes only what is missing.")
+                    "Rerunning after an interruption completes only what is missing. Parallel: "
+                    "under mpirun (or srun with PMI) the ranks share the shards and rank 0 writes the "
+                    "manifests; as a Slurm array each task writes its share and a last run with "
+                    "--finalize writes the manifests.")
     p.add_argument("dataset", choices=["cifar10", "imagenet32", "imagenet64", "ffhq256", "ffhq1024", "folder"],
                    help="the dataset; `folder`: any folder of images, center-cropped and resized")
     p.add_argument("--src", required=True,
@@ -101,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace existing output made with other options")
     p.add_argument("--resolution", type=int, help="folder: side of the square images written")
     p.add_argument("--num-valid", type=int, help="folder: images held out for validation (default 0)")
+    p.add_argument("--finalize", action="store_true",
+                   help="only write the manifests, once every shard is complete (after a Slurm array)")
     p.add_argument("--strict", action="store_true",
                    help="stop at the first bad image instead of listing it in the manifest's rejections")
     p.set_defaults(func=_cmd_prep)

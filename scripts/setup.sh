@@ -11,10 +11,12 @@ VENV=.venv
 STAMP=$VENV/.setup-stamp
 want="$(sha256sum pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
 
-# System libraries: tcmalloc, the allocator of the compute processes
-# (pipeline/runtime.py). Debian/Ubuntu packages, installed when missing.
+# System packages (Debian/Ubuntu), installed when missing: tcmalloc, the
+# allocator of the compute processes (pipeline/runtime.py); Open MPI for
+# mpi4py and `mpirun` (parallel prep).
 need_apt=()
 ls /usr/lib/*/libtcmalloc_minimal.so.4 /usr/lib/libtcmalloc_minimal.so.4 >/dev/null 2>&1 || need_apt+=(libtcmalloc-minimal4)
+command -v mpirun >/dev/null 2>&1 || need_apt+=(openmpi-bin libopenmpi-dev)
 if [ ${#need_apt[@]} -gt 0 ]; then
     if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
         echo "setup: apt-get install ${need_apt[*]}"

@@ -1,4 +1,5 @@
 import os
+import pickle
 import shutil
 import socket
 import subprocess
@@ -6,12 +7,15 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model import ModelConfig  # noqa: E402
+
+NUM_PER_BATCH, NUM_TEST = 1100, 100  # CIFAR-like fixture: 5500 training images, 5000 of them valid
 
 # Every resolution change the real presets use (pool by 2 and by 4, mixins
 # from 1 to 4 and 4 to 8 px, 1x1 convs at 1 px), at a size a CPU runs in ms.
@@ -114,3 +118,20 @@ def bucket(s3_server, request):
     name = "t-" + "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:50].strip("-")
     s3_server["client"].create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture(scope="session")
+def cifar_src(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cifar") / "cifar-10-batches-py"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    images = {}
+    for name, n in [*((f"data_batch_{i}", NUM_PER_BATCH) for i in range(1, 6)), ("test_batch", NUM_TEST)]:
+        data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        labels = rng.integers(0, 10, n).tolist()
+        with open(root / name, "wb") as f:
+            pickle.dump({"data": data, "labels": labels}, f)
+        images[name] = (data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels)
+    return root.parent, images
+
+

@@ -2,7 +2,6 @@
 
 import io
 import json
-import pickle
 import subprocess
 
 import numpy as np
@@ -16,7 +15,7 @@ from data_prep.source import SourceError
 from data_prep.storage import StorageError
 from pipeline.cli import main as cli_main
 
-NUM_PER_BATCH, NUM_TEST = 1100, 100  # 5500 training images: 5000 valid (as the paper), 500 train
+from conftest import NUM_TEST
 
 
 def test_cifar10_split_is_scikit_learns():
@@ -25,21 +24,6 @@ def test_cifar10_split_is_scikit_learns():
     train, valid = train_test_split(np.arange(50_000), test_size=5000, random_state=11172018)
     ours_train, ours_valid = cifar10.split_indices()
     assert np.array_equal(ours_train, train) and np.array_equal(ours_valid, valid)
-
-
-@pytest.fixture(scope="module")
-def cifar_src(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cifar") / "cifar-10-batches-py"
-    root.mkdir()
-    rng = np.random.default_rng(0)
-    images = {}
-    for name, n in [*((f"data_batch_{i}", NUM_PER_BATCH) for i in range(1, 6)), ("test_batch", NUM_TEST)]:
-        data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
-        labels = rng.integers(0, 10, n).tolist()
-        with open(root / name, "wb") as f:
-            pickle.dump({"data": data, "labels": labels}, f)
-        images[name] = (data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels)
-    return root.parent, images
 
 
 def read_split(folder):

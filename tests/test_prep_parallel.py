@@ -1,0 +1,95 @@
+"""Parallel and interrupted prep: real MPI ranks (mpirun) on a real S3 server, Slurm-array-style
+tasks with a finalize step, and `kill -9` followed by a rerun."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from data_prep.prep import prep
+from pipeline.environment import Ranks, detect_ranks
+
+ROOT = Path(__file__).resolve().parents[1]
+VDVAE = [sys.executable, "-m", "pipeline.cli"]
+
+def env_with(**extra):
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "OMPI_", "PMI_", "PMIX_")) and k not in ("RANK", "WORLD_SIZE")}
+    env["PYTHONPATH"] = str(ROOT)
+    env.update(extra)
+    return env
+
+
+def test_rank_detection():
+    assert detect_ranks({"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2"}) == Ranks(1, 2, "mpi")
+    assert detect_ranks({"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_MIN": "4",
+                         "SLURM_ARRAY_TASK_COUNT": "3", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}) == \
+        Ranks(1, 3, "slurm-array")
+    assert detect_ranks({"SLURM_PROCID": "3", "SLURM_NTASKS": "4"}) == Ranks(3, 4, "slurm")
+    assert detect_ranks({"RANK": "0", "WORLD_SIZE": "2"}) == Ranks(0, 2, "env")
+    assert detect_ranks({}) == Ranks(0, 1, "single")
+
+
+def test_two_mpi_ranks_to_s3_equal_one_process(cifar_src, tmp_path, bucket, s3_server):
+    src, _ = cifar_src
+    prep("cifar10", src, str(tmp_path / "one"), samples_per_shard=500, progress=False)
+    out = subprocess.run(
+        ["mpirun", "--allow-run-as-root", "--oversubscribe", "-n", "2", *VDVAE, "prep", "cifar10",
+         "--src", str(src), "--out", f"s3://{bucket}/c", "--samples-per-shard", "500"],
+        env=env_with(), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    # rank 0 built half of the valid shards (its bar counts 2500 of 5000); rank 1 the rest
+    assert "cifar10/valid rank 0/2: 100%|██████████| 2500/2500" in out.stderr
+    client = s3_server["client"]
+    listing = client.list_objects_v2(Bucket=bucket, Prefix="c/valid/")["Contents"]
+    assert len([o for o in listing if o["Key"].endswith(".tar")]) == 10
+    for split in ("train", "valid", "test"):
+        got = client.get_object(Bucket=bucket, Key=f"c/{split}/manifest.json")["Body"].read()
+        assert got == (tmp_path / "one" / split / "manifest.json").read_bytes()
+
+
+def test_slurm_array_tasks_then_finalize(cifar_src, tmp_path):
+    src, _ = cifar_src
+    prep("cifar10", src, str(tmp_path / "one"), samples_per_shard=700, progress=False)
+    cmd = [*VDVAE, "prep", "cifar10", "--src", str(src), "--out", str(tmp_path / "arr"),
+           "--samples-per-shard", "700"]
+    array = dict(SLURM_ARRAY_TASK_MIN="1", SLURM_ARRAY_TASK_COUNT="3", SLURM_ARRAY_JOB_ID="77")
+    for task in ("1", "3"):  # task 2 has not run yet
+        out = subprocess.run(cmd, env=env_with(SLURM_ARRAY_TASK_ID=task, **array), capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert "--finalize" in out.stdout
+    assert not (tmp_path / "arr" / "valid" / "manifest.json").exists()
+    early = subprocess.run([*cmd, "--finalize"], env=env_with(), capture_output=True, text=True)
+    assert early.returncode == 2 and "shards are not complete" in early.stderr and "valid-000001.tar" in early.stderr
+    assert subprocess.run(cmd, env=env_with(SLURM_ARRAY_TASK_ID="2", **array)).returncode == 0
+    assert subprocess.run([*cmd, "--finalize"], env=env_with(), capture_output=True).returncode == 0
+    for split in ("train", "valid", "test"):
+        assert (tmp_path / "arr" / split / "manifest.json").read_bytes() == \
+            (tmp_path / "one" / split / "manifest.json").read_bytes()
+
+
+def test_kill_9_then_rerun_equals_a_clean_run(cifar_src, tmp_path):
+    src, _ = cifar_src
+    prep("cifar10", src, str(tmp_path / "clean"), samples_per_shard=250, progress=False)
+    cmd = [*VDVAE, "prep", "cifar10", "--src", str(src), "--out", str(tmp_path / "killed"),
+           "--samples-per-shard", "250"]
+    proc = subprocess.Popen(cmd, env=env_with(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    valid = tmp_path / "killed" / "valid"
+    deadline = time.time() + 120
+    while len(list(valid.glob("*.done.json"))) < 3 and time.time() < deadline:  # mid-split
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (valid / "manifest.json").exists()
+    assert subprocess.run(cmd, env=env_with(), capture_output=True).returncode == 0
+    assert not list((tmp_path / "killed").rglob(".*.tmp")) and not list((tmp_path / "killed").rglob(".*.tar.*"))
+    for split in ("train", "valid", "test"):
+        folder = tmp_path / "killed" / split
+        assert (folder / "manifest.json").read_bytes() == (tmp_path / "clean" / split / "manifest.json").read_bytes()
+        for shard in (tmp_path / "clean" / split).glob("*.tar"):
+            assert (folder / shard.name).read_bytes() == shard.read_bytes()
