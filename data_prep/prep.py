@@ -15,8 +15,8 @@ import io
 import json
 import math
 import os
-import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -28,7 +28,7 @@ from tqdm import tqdm
 from . import cifar10, ffhq, folder, imagenet
 from .shards import Sample, ShardInfo, write_shard
 from .source import Rejected, SourceError, SplitPlan
-from .storage import open_store
+from .storage import LocalStore, open_store, temporary_name
 from pipeline.environment import Ranks
 
 FORMAT = "vdvae-shards/1"
@@ -90,8 +90,8 @@ def _shard_name(split: str, index: int) -> str:
 _PLANS: dict[str, SplitPlan] = {}
 
 
-def _build_shard(args) -> dict:
-    """Encode and write one shard; returns its record (what the manifest needs)."""
+def _encode_shard(args) -> tuple[Path, dict]:
+    """Read, check and encode one shard into a local temporary tar; return it and its record."""
     out_url, options, split, index = args
     plan = _PLANS[split]
     store = open_store(f"{out_url.rstrip('/')}/{split}")
@@ -111,17 +111,32 @@ def _build_shard(args) -> dict:
         meta = dict(meta, width=int(image.shape[1]), height=int(image.shape[0]))
         samples.append(Sample(f"{split}{i:07d}", encoded or encode_png(image), meta, label))
     name = _shard_name(split, index)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=store.scratch_dir())
-    os.close(fd)
+    tmp = store.scratch_dir() / temporary_name(f"{name}-encoded")
     try:
-        size, sha = write_shard(samples, Path(tmp))
-        store.put_file(name, Path(tmp))
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+        size, sha = write_shard(samples, tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     record = {"fingerprint": options.fingerprint(split, plan), "name": name, "count": len(samples),
               "bytes": size, "sha256": sha, "histogram": histogram.tolist(), "rejections": rejections}
-    store.write_bytes(name.replace(".tar", ".done.json"), json.dumps(record, sort_keys=True).encode())
+    return tmp, record
+
+
+def _commit_shard(out_url: str, split: str, tmp: Path, record: dict) -> dict:
+    """Put the finished tar in the store under its name, then its record (the shard's commit)."""
+    store = open_store(f"{out_url.rstrip('/')}/{split}")
+    try:
+        store.put_file(record["name"], tmp)
+    finally:
+        tmp.unlink(missing_ok=True)
+    store.write_bytes(record["name"].replace(".tar", ".done.json"), json.dumps(record, sort_keys=True).encode())
     return record
+
+
+def _build_shard(args) -> dict:
+    """Encode and commit one shard (a worker process's unit of work)."""
+    tmp, record = _encode_shard(args)
+    return _commit_shard(args[0], args[2], tmp, record)
 
 
 def prep(dataset: str, src: str | os.PathLike, out_url: str, samples_per_shard: int = 5000,
@@ -189,6 +204,8 @@ def _check_existing(options: PrepOptions, split: str, plan: SplitPlan, out_url: 
 def _build_split(options: PrepOptions, split: str, plan: SplitPlan, out_url: str, workers: int,
                  ranks: Ranks, progress: bool) -> None:
     store = open_store(f"{out_url.rstrip('/')}/{split}")
+    if isinstance(store, LocalStore):
+        store.remove_stale_temporaries()
     records = _records(store, options.fingerprint(split, plan))
     num_shards = math.ceil(plan.num_samples / options.samples_per_shard)
     mine = range(ranks.rank, num_shards, ranks.world)
@@ -204,10 +221,17 @@ def _build_split(options: PrepOptions, split: str, plan: SplitPlan, out_url: str
         with get_context("fork").Pool(min(workers, len(jobs))) as pool:
             for i, _ in zip(todo, pool.imap(_build_shard, jobs)):
                 bar.update(shard_size(i))
-    else:
-        for i, job in zip(todo, jobs):
-            _build_shard(job)
-            bar.update(shard_size(i))
+    else:  # one process: upload shard k while shard k + 1 is encoded
+        with ThreadPoolExecutor(max_workers=1) as uploader:
+            pending = None
+            for i, job in zip(todo, jobs):
+                tmp, record = _encode_shard(job)
+                if pending is not None:
+                    pending.result()
+                pending = uploader.submit(_commit_shard, out_url, split, tmp, record)
+                bar.update(shard_size(i))
+            if pending is not None:
+                pending.result()
     bar.close()
     if progress:
         print(f"{options.dataset}/{split}: {len(todo)} of {len(mine)} shards written this run "

@@ -12,6 +12,7 @@ with backoff; credentials never appear in messages.
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
 from pathlib import Path
 from typing import Protocol
@@ -54,20 +55,20 @@ class LocalStore:
 
     def write_bytes(self, name: str, data: bytes) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.root)
+        tmp = self.root / temporary_name(name)
         try:
-            with os.fdopen(fd, "wb") as f:
+            with open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self._path(name))
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
             raise
 
     def put_file(self, name: str, path: Path) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f".{name}.{os.getpid()}.tmp"
+        tmp = self.root / temporary_name(name)
         try:
             if Path(path).resolve().parent == self.root.resolve():
                 os.replace(path, tmp)
@@ -94,6 +95,22 @@ class LocalStore:
         """A folder for temporary files on the same filesystem (renames stay atomic)."""
         self.root.mkdir(parents=True, exist_ok=True)
         return self.root
+
+    def remove_stale_temporaries(self) -> int:
+        """Delete temporary files left by killed processes of this host; return how many.
+
+        Temporary names carry host and process id (see `temporary_name`), so
+        the files of processes still running, here or on other nodes of a
+        shared filesystem, are left alone.
+        """
+        host = socket.gethostname()
+        removed = 0
+        for path in self.root.glob(".*.tmp") if self.root.is_dir() else []:
+            parts = path.name.rsplit(".", 3)  # .NAME . HOST . PID . tmp
+            if len(parts) == 4 and parts[1] == host and parts[2].isdigit() and not _alive(int(parts[2])):
+                path.unlink(missing_ok=True)
+                removed += 1
+        return removed
 
 
 class S3Store:
@@ -171,6 +188,21 @@ class S3Store:
 
     def scratch_dir(self) -> Path:
         return Path(tempfile.gettempdir())
+
+
+def temporary_name(name: str) -> str:
+    """`.NAME.HOST.PID.tmp`: hidden, and traceable to the process that writes it."""
+    return f".{name}.{socket.gethostname()}.{os.getpid()}.tmp"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def open_store(url: str) -> LocalStore | S3Store:

@@ -4,6 +4,7 @@ tasks with a finalize step, and `kill -9` followed by a rerun."""
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -86,8 +87,17 @@ def test_kill_9_then_rerun_equals_a_clean_run(cifar_src, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (valid / "manifest.json").exists()
+    # what a process killed mid-write leaves: a hidden temporary named by host and pid
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = valid / f".valid-000009.tar-encoded.{socket.gethostname()}.{dead.pid}.tmp"
+    stale.write_bytes(b"partial")
+    other_host = valid / f".valid-000009.tar-encoded.some-other-node.{dead.pid}.tmp"
+    other_host.write_bytes(b"another node's, maybe still running")
     assert subprocess.run(cmd, env=env_with(), capture_output=True).returncode == 0
-    assert not list((tmp_path / "killed").rglob(".*.tmp")) and not list((tmp_path / "killed").rglob(".*.tar.*"))
+    assert not stale.exists() and other_host.exists()
+    other_host.unlink()
+    assert not list((tmp_path / "killed").rglob(".*.tmp"))
     for split in ("train", "valid", "test"):
         folder = tmp_path / "killed" / split
         assert (folder / "manifest.json").read_bytes() == (tmp_path / "clean" / split / "manifest.json").read_bytes()
