@@ -12,6 +12,7 @@ with backoff; credentials never appear in messages.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import tempfile
 from pathlib import Path
@@ -53,12 +54,13 @@ class LocalStore:
     def read_bytes(self, name: str) -> bytes:
         return self._path(name).read_bytes()
 
-    def write_bytes(self, name: str, data: bytes) -> None:
+    def write_with(self, name: str, fill) -> None:
+        """Write through a temporary in the same folder, fsync, rename into place."""
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.root / temporary_name(name)
         try:
             with open(tmp, "wb") as f:
-                f.write(data)
+                fill(f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self._path(name))
@@ -66,22 +68,18 @@ class LocalStore:
             tmp.unlink(missing_ok=True)
             raise
 
+    def write_bytes(self, name: str, data: bytes) -> None:
+        self.write_with(name, lambda f: f.write(data))
+
     def put_file(self, name: str, path: Path) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / temporary_name(name)
-        try:
-            if Path(path).resolve().parent == self.root.resolve():
-                os.replace(path, tmp)
-            else:
-                with open(path, "rb") as src, open(tmp, "wb") as dst:
-                    while chunk := src.read(1 << 22):
-                        dst.write(chunk)
-                    dst.flush()
-                    os.fsync(dst.fileno())
-            os.replace(tmp, self._path(name))
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        path = Path(path)
+        if path.resolve().parent == self.root.resolve():  # our own temporary: sync and rename
+            with open(path, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(path, self._path(name))
+            return
+        with open(path, "rb") as src:
+            self.write_with(name, lambda f: shutil.copyfileobj(src, f, 1 << 22))
 
     def list(self) -> list[str]:
         if not self.root.is_dir():

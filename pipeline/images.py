@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from data_prep.storage import LocalStore
+
 
 def make_grid(rows: list[torch.Tensor | np.ndarray], pad: int = 2) -> np.ndarray:
     """Rows of uint8 images (N, H, W, 3), all the same shape -> one uint8 (H', W', 3) grid."""
@@ -25,8 +27,5 @@ def make_grid(rows: list[torch.Tensor | np.ndarray], pad: int = 2) -> np.ndarray
 
 def save_png(image: np.ndarray, path: str | Path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(image).save(tmp, format="PNG")
-    tmp.replace(path)
+    LocalStore(path.parent).write_with(path.name, lambda f: Image.fromarray(image).save(f, format="PNG"))
     return path

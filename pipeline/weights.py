@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 
+from data_prep.storage import LocalStore
 from model import VDVAE, ModelConfig
 
 FORMAT = "vdvae-weights/1"
@@ -22,23 +22,13 @@ FORMAT = "vdvae-weights/1"
 
 def save_weights(model: VDVAE, path: str | os.PathLike, preset: str | None = None) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": FORMAT,
         "preset": preset,
         "model_config": dataclasses.asdict(model.config),
         "state_dict": {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()},
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    LocalStore(path.parent).write_with(path.name, lambda f: torch.save(payload, f))
     return path
 
 
