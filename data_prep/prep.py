@@ -26,7 +26,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from . import cifar10, ffhq, folder, imagenet
-from .shards import Sample, ShardInfo, write_shard
+from .shards import Sample, ShardWriter, file_digest
 from .source import Rejected, SourceError, SplitPlan
 from .storage import LocalStore, open_store, temporary_name
 from pipeline.environment import Ranks
@@ -41,6 +41,11 @@ READERS = {
     "folder": folder.plan,
 }
 DATASET_BITS = {"cifar10": 8, "imagenet32": 8, "imagenet64": 8, "ffhq256": 5, "ffhq1024": 8, "folder": 8}
+
+
+# Samples per shard by default: shards of roughly 50-300 MB.
+DEFAULT_SAMPLES_PER_SHARD = {"cifar10": 10000, "imagenet32": 10000, "imagenet64": 4000,
+                             "ffhq256": 1000, "ffhq1024": 200, "folder": 1000}
 
 
 @dataclass(frozen=True)
@@ -91,41 +96,46 @@ _PLANS: dict[str, SplitPlan] = {}
 
 
 def _encode_shard(args) -> tuple[Path, dict]:
-    """Read, check and encode one shard into a local temporary tar; return it and its record."""
+    """Read, check and encode one shard into a local temporary tar, sample by sample.
+
+    Returns the tar and its record, less its size and digest (see _commit_shard).
+    """
     out_url, options, split, index = args
     plan = _PLANS[split]
     store = open_store(f"{out_url.rstrip('/')}/{split}")
     start = index * options.samples_per_shard
     stop = min(start + options.samples_per_shard, plan.num_samples)
-    samples, rejections = [], []
+    rejections = []
     histogram = np.zeros((3, 256), dtype=np.int64)  # per channel: exact mean and std, cheaply
-    for i in range(start, stop):
-        try:
-            image, label, meta, encoded = plan.get(i)
-        except Rejected as bad:
-            if options.strict:
-                raise SourceError(f"{bad} (stopping: --strict)") from None
-            rejections.append({"file": bad.file, "reason": bad.reason})
-            continue
-        histogram += np.asarray(Image.fromarray(image).histogram(), dtype=np.int64).reshape(3, 256)
-        meta = dict(meta, width=int(image.shape[1]), height=int(image.shape[0]))
-        samples.append(Sample(f"{split}{i:07d}", encoded or encode_png(image), meta, label))
     name = _shard_name(split, index)
     tmp = store.scratch_dir() / temporary_name(f"{name}-encoded")
     try:
-        size, sha = write_shard(samples, tmp)
+        with ShardWriter(tmp) as writer:
+            for i in range(start, stop):
+                try:
+                    image, label, meta, encoded = plan.get(i)
+                except Rejected as bad:
+                    if options.strict:
+                        raise SourceError(f"{bad} (stopping: --strict)") from None
+                    rejections.append({"file": bad.file, "reason": bad.reason})
+                    continue
+                histogram += np.asarray(Image.fromarray(image).histogram(), dtype=np.int64).reshape(3, 256)
+                meta = dict(meta, width=int(image.shape[1]), height=int(image.shape[0]))
+                writer.add(Sample(f"{split}{i:07d}", encoded or encode_png(image), meta, label))
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    record = {"fingerprint": options.fingerprint(split, plan), "name": name, "count": len(samples),
-              "bytes": size, "sha256": sha, "histogram": histogram.tolist(), "rejections": rejections}
+    record = {"fingerprint": options.fingerprint(split, plan), "name": name, "count": writer.count,
+              "histogram": histogram.tolist(), "rejections": rejections}
     return tmp, record
 
 
 def _commit_shard(out_url: str, split: str, tmp: Path, record: dict) -> dict:
-    """Put the finished tar in the store under its name, then its record (the shard's commit)."""
+    """Digest the finished tar, put it in the store under its name, then its record (the commit)."""
     store = open_store(f"{out_url.rstrip('/')}/{split}")
     try:
+        size, sha = file_digest(tmp)
+        record = dict(record, bytes=size, sha256=sha)
         store.put_file(record["name"], tmp)
     finally:
         tmp.unlink(missing_ok=True)
@@ -139,7 +149,7 @@ def _build_shard(args) -> dict:
     return _commit_shard(args[0], args[2], tmp, record)
 
 
-def prep(dataset: str, src: str | os.PathLike, out_url: str, samples_per_shard: int = 5000,
+def prep(dataset: str, src: str | os.PathLike, out_url: str, samples_per_shard: int | None = None,
          workers: int = 1, overwrite: bool = False, strict: bool = False, progress: bool = True,
          resolution: int | None = None, num_valid: int | None = None,
          ranks: Ranks | None = None, finalize_only: bool = False) -> dict[str, dict]:
@@ -151,7 +161,10 @@ def prep(dataset: str, src: str | os.PathLike, out_url: str, samples_per_shard: 
     finalize step (`finalize_only`) then writes the manifests once every
     shard is in the store. A single process does both.
     """
-    options = PrepOptions(dataset, samples_per_shard, strict, resolution, num_valid)
+    if dataset not in READERS:
+        raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(READERS)}")
+    options = PrepOptions(dataset, samples_per_shard or DEFAULT_SAMPLES_PER_SHARD[dataset], strict,
+                          resolution, num_valid)
     ranks = ranks or Ranks(0, 1, "single")
     if not Path(src).exists():
         raise SourceError(f"source {src} does not exist")

@@ -31,14 +31,6 @@ class Sample:
             raise ValueError(f"sample key {self.key!r}: use letters, digits, '_' and '-' only (no dots)")
 
 
-@dataclass(frozen=True)
-class ShardInfo:
-    name: str
-    count: int
-    bytes: int
-    sha256: str
-
-
 def _member(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
     info = tarfile.TarInfo(name)
     info.size = len(data)
@@ -49,15 +41,35 @@ def _member(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
     return info, io.BytesIO(data)
 
 
-def write_shard(samples: list[Sample], path: Path) -> tuple[int, str]:
-    """Write `samples` as a tar at `path`; return (bytes, sha256 hex)."""
-    with open(path, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for s in samples:
-            tar.addfile(*_member(f"{s.key}.png", s.png))
-            meta = json.dumps(s.meta, sort_keys=True, separators=(",", ":")).encode()
-            tar.addfile(*_member(f"{s.key}.json", meta))
-            if s.label is not None:
-                tar.addfile(*_member(f"{s.key}.cls", str(int(s.label)).encode()))
+class ShardWriter:
+    """Stream samples into a tar file: memory holds one sample, not the shard."""
+
+    def __init__(self, path: Path):
+        self._file = open(path, "wb")
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
+        self.count = 0
+
+    def add(self, s: Sample) -> None:
+        self._tar.addfile(*_member(f"{s.key}.png", s.png))
+        meta = json.dumps(s.meta, sort_keys=True, separators=(",", ":")).encode()
+        self._tar.addfile(*_member(f"{s.key}.json", meta))
+        if s.label is not None:
+            self._tar.addfile(*_member(f"{s.key}.cls", str(int(s.label)).encode()))
+        self.count += 1
+
+    def close(self) -> None:
+        self._tar.close()
+        self._file.close()
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def file_digest(path: Path) -> tuple[int, str]:
+    """(size in bytes, sha256 hex) of a file."""
     digest = hashlib.sha256()
     size = 0
     with open(path, "rb") as f:
