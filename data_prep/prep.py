@@ -15,6 +15,8 @@ import io
 import json
 import math
 import os
+import queue
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -106,28 +108,68 @@ def _encode_shard(args) -> tuple[Path, dict]:
     start = index * options.samples_per_shard
     stop = min(start + options.samples_per_shard, plan.num_samples)
     rejections = []
-    histogram = np.zeros((3, 256), dtype=np.int64)  # per channel: exact mean and std, cheaply
     name = _shard_name(split, index)
     tmp = store.scratch_dir() / temporary_name(f"{name}-encoded")
+    writer = _BackgroundWriter(tmp)
     try:
-        with ShardWriter(tmp) as writer:
-            for i in range(start, stop):
-                try:
-                    image, label, meta, encoded = plan.get(i)
-                except Rejected as bad:
-                    if options.strict:
-                        raise SourceError(f"{bad} (stopping: --strict)") from None
-                    rejections.append({"file": bad.file, "reason": bad.reason})
-                    continue
-                histogram += np.asarray(Image.fromarray(image).histogram(), dtype=np.int64).reshape(3, 256)
-                meta = dict(meta, width=int(image.shape[1]), height=int(image.shape[0]))
-                writer.add(Sample(f"{split}{i:07d}", encoded or encode_png(image), meta, label))
+        for i in range(start, stop):
+            try:
+                image, label, meta, encoded = plan.get(i)
+            except Rejected as bad:
+                if options.strict:
+                    raise SourceError(f"{bad} (stopping: --strict)") from None
+                rejections.append({"file": bad.file, "reason": bad.reason})
+                continue
+            meta = dict(meta, width=int(image.shape[1]), height=int(image.shape[0]))
+            writer.add(image, Sample(f"{split}{i:07d}", encoded or encode_png(image), meta, label))
+        histogram, count = writer.close()
     except BaseException:
+        writer.close(abandon=True)
         tmp.unlink(missing_ok=True)
         raise
-    record = {"fingerprint": options.fingerprint(split, plan), "name": name, "count": writer.count,
+    record = {"fingerprint": options.fingerprint(split, plan), "name": name, "count": count,
               "histogram": histogram.tolist(), "rejections": rejections}
     return tmp, record
+
+
+class _BackgroundWriter:
+    """Tars samples and counts their pixel histograms on a helper thread.
+
+    The reading thread only decodes (and encodes, where needed); a bounded
+    queue keeps memory to a few samples.
+    """
+
+    def __init__(self, path: Path, depth: int = 8):
+        self._writer = ShardWriter(path)
+        self._histogram = np.zeros((3, 256), dtype=np.int64)  # per channel: exact mean and std
+        self._queue: queue.Queue = queue.Queue(depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    image, sample = item
+                    self._histogram += np.asarray(Image.fromarray(image).histogram(),
+                                                  dtype=np.int64).reshape(3, 256)
+                    self._writer.add(sample)
+                except BaseException as err:  # reported by add() or close()
+                    self._error = err
+
+    def add(self, image: np.ndarray, sample: Sample) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put((image, sample))
+
+    def close(self, abandon: bool = False) -> tuple[np.ndarray, int]:
+        self._queue.put(None)
+        self._thread.join()
+        self._writer.close()
+        if self._error is not None and not abandon:
+            raise self._error
+        return self._histogram, self._writer.count
 
 
 def _commit_shard(out_url: str, split: str, tmp: Path, record: dict) -> dict:
