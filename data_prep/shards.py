@@ -42,23 +42,36 @@ def _member(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
 
 
 class ShardWriter:
-    """Stream samples into a tar file: memory holds one sample, not the shard."""
+    """Stream samples into a tar file: memory holds one sample, not the shard.
+
+    Writes each member as one header + data + padding, the bytes
+    `tarfile` writes for it (tested), without its per-16-KiB copy loop.
+    """
 
     def __init__(self, path: Path):
         self._file = open(path, "wb")
-        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
+        self._offset = 0
         self.count = 0
 
+    def _member(self, name: str, data: bytes) -> None:
+        info, _ = _member(name, data)
+        header = info.tobuf(format=tarfile.USTAR_FORMAT, encoding="utf-8", errors="surrogateescape")
+        padding = -len(data) % tarfile.BLOCKSIZE
+        self._file.write(b"".join((header, data, tarfile.NUL * padding)))
+        self._offset += len(header) + len(data) + padding
+
     def add(self, s: Sample) -> None:
-        self._tar.addfile(*_member(f"{s.key}.png", s.png))
-        meta = json.dumps(s.meta, sort_keys=True, separators=(",", ":")).encode()
-        self._tar.addfile(*_member(f"{s.key}.json", meta))
+        self._member(f"{s.key}.png", s.png)
+        self._member(f"{s.key}.json", json.dumps(s.meta, sort_keys=True, separators=(",", ":")).encode())
         if s.label is not None:
-            self._tar.addfile(*_member(f"{s.key}.cls", str(int(s.label)).encode()))
+            self._member(f"{s.key}.cls", str(int(s.label)).encode())
         self.count += 1
 
     def close(self) -> None:
-        self._tar.close()
+        if self._file.closed:
+            return
+        end = self._offset + 2 * tarfile.BLOCKSIZE  # two zero blocks, then pad to a whole record
+        self._file.write(tarfile.NUL * (2 * tarfile.BLOCKSIZE + (-end % tarfile.RECORDSIZE)))
         self._file.close()
 
     def __enter__(self) -> "ShardWriter":

@@ -1,0 +1,37 @@
+"""The shard writer writes exactly the bytes of Python's tarfile, and stock readers read them."""
+
+import io
+import json
+import tarfile
+
+import pytest
+
+from data_prep.shards import Sample, ShardWriter, _member
+
+
+def samples():
+    return [Sample("a0000001", b"\x89PNG fake" * 70, {"index": 1, "source": "x"}, 3),
+            Sample("a0000002", b"", {"index": 2}, None),
+            Sample("a-3_x", bytes(range(256)) * 9, {"i": 3}, 0)]
+
+
+def test_bytes_equal_tarfile(tmp_path):
+    with ShardWriter(tmp_path / "ours.tar") as writer:
+        for s in samples():
+            writer.add(s)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for s in samples():
+            tar.addfile(*_member(f"{s.key}.png", s.png))
+            tar.addfile(*_member(f"{s.key}.json", json.dumps(s.meta, sort_keys=True, separators=(",", ":")).encode()))
+            if s.label is not None:
+                tar.addfile(*_member(f"{s.key}.cls", str(s.label).encode()))
+    assert (tmp_path / "ours.tar").read_bytes() == buf.getvalue()
+    with tarfile.open(tmp_path / "ours.tar") as tar:
+        assert tar.getnames()[:3] == ["a0000001.png", "a0000001.json", "a0000001.cls"]
+        assert tar.extractfile("a-3_x.png").read() == bytes(range(256)) * 9
+
+
+def test_keys_with_dots_are_refused():
+    with pytest.raises(ValueError, match="no dots"):
+        Sample("a.b", b"", {})
