@@ -16,7 +16,6 @@ over 1.28M images).
 
 from __future__ import annotations
 
-import io
 import pickle
 import re
 from functools import lru_cache

@@ -274,12 +274,12 @@ def _build_split(options: PrepOptions, split: str, plan: SplitPlan, out_url: str
     jobs = [(out_url, options, split, i) for i in todo]
     if workers > 1 and len(jobs) > 1:
         with get_context("fork").Pool(min(workers, len(jobs))) as pool:
-            for i, _ in zip(todo, pool.imap(_build_shard, jobs)):
+            for i, _ in zip(todo, pool.imap(_build_shard, jobs), strict=True):
                 bar.update(shard_size(i))
     else:  # one process: upload shard k while shard k + 1 is encoded
         with ThreadPoolExecutor(max_workers=1) as uploader:
             pending = None
-            for i, job in zip(todo, jobs):
+            for i, job in zip(todo, jobs, strict=True):
                 tmp, record = _encode_shard(job)
                 if pending is not None:
                     pending.result()

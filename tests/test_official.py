@@ -54,7 +54,7 @@ def test_ddp_module_prefix_is_accepted(tiny_config, images):
     ours = perturbed(tiny_config)
     wrapped = OrderedDict(("module." + k, v) for k, v in official_state_dict(ours).items())
     loaded = load_official(wrapped, tiny_config)
-    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), loaded.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), loaded.state_dict().values(), strict=True))
 
 
 def test_missing_keys_are_listed():
@@ -104,7 +104,7 @@ def test_our_weights_file_round_trip(tiny_config, images, tmp_path):
     save_weights(ours, tmp_path / "w.pt", preset=None)
     loaded, preset = load_weights(tmp_path / "w.pt")
     assert preset is None and loaded.config == tiny_config
-    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), loaded.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), loaded.state_dict().values(), strict=True))
     assert not list(tmp_path.glob(".*.tmp"))  # no temporary left behind
     torch.save({"x": 1}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="import-official"):
@@ -121,7 +121,7 @@ def test_import_official_command(tmp_path, capsys):
     assert "39,145,700 parameters" in capsys.readouterr().out
     loaded, preset = load_weights(out)
     assert preset == "cifar10"
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values(), strict=True))
     # existing output is refused; a wrong preset fails with the differences, writing nothing
     with pytest.raises(SystemExit, match="--overwrite"):
         cli_main(["import-official", str(src), "--preset", "cifar10", "--out", str(out)])

@@ -1,13 +1,11 @@
 """`vdvae prep`: CIFAR-10 to deterministic webdataset shards plus a manifest, resumable."""
 
-import io
 import json
 import subprocess
 
 import numpy as np
 import pytest
 import webdataset as wds
-from PIL import Image
 
 from data_prep import cifar10
 from data_prep.prep import prep

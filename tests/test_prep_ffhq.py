@@ -8,7 +8,6 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from data_prep import ffhq
 from data_prep.prep import prep
 from data_prep.source import SourceError
 

@@ -10,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 
 from data_prep.prep import prep
 from pipeline.environment import Ranks, detect_ranks

@@ -103,7 +103,9 @@ def main() -> None:
                 s3 = run_prep(dataset, tmp / "src", f"s3://bench/{dataset}", s3_env) - startup_s3
                 two = run_prep(dataset, tmp / "src", str(tmp / f"ranks-{dataset}"), env, mpi=2) - startup_mpi
                 n = len(paths) - 1  # images beyond the start-up runs' one
-                rate = lambda seconds: n / max(seconds, 1e-9)  # noqa: E731
+
+                def rate(seconds: float, n: int = n) -> float:
+                    return n / max(seconds, 1e-9)
                 print(json.dumps({
                     "dataset": dataset, "images": len(paths),
                     "bare_images_per_s": round(bare_rate, 2),
