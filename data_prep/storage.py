@@ -27,8 +27,6 @@ class StorageError(RuntimeError):
 class Store(Protocol):
     url: str
 
-    def exists(self, name: str) -> bool: ...
-
     def read_bytes(self, name: str) -> bytes: ...
 
     def write_bytes(self, name: str, data: bytes) -> None: ...
@@ -36,8 +34,6 @@ class Store(Protocol):
     def put_file(self, name: str, path: Path) -> None: ...
 
     def list(self) -> list[str]: ...
-
-    def delete(self, name: str) -> None: ...
 
 
 class LocalStore:
@@ -47,9 +43,6 @@ class LocalStore:
 
     def _path(self, name: str) -> Path:
         return self.root / name
-
-    def exists(self, name: str) -> bool:
-        return self._path(name).is_file()
 
     def read_bytes(self, name: str) -> bytes:
         return self._path(name).read_bytes()
@@ -85,9 +78,6 @@ class LocalStore:
         if not self.root.is_dir():
             return []
         return sorted(p.name for p in self.root.iterdir() if p.is_file() and not p.name.startswith("."))
-
-    def delete(self, name: str) -> None:
-        self._path(name).unlink(missing_ok=True)
 
     def scratch_dir(self) -> Path:
         """A folder for temporary files on the same filesystem (renames stay atomic)."""
@@ -130,19 +120,6 @@ class S3Store:
         return StorageError(f"{what} {self.url}/{name} failed after retries: {code}. Check the bucket, "
                             "the endpoint (AWS_ENDPOINT_URL) and the credentials (AWS_* variables or profile).")
 
-    def exists(self, name: str) -> bool:
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
-            self._client.head_object(Bucket=self.bucket, Key=self._key(name))
-            return True
-        except ClientError as err:
-            if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                return False
-            raise self._fail("HEAD", name, err) from None
-        except BotoCoreError as err:
-            raise self._fail("HEAD", name, err) from None
-
     def read_bytes(self, name: str) -> bytes:
         from botocore.exceptions import BotoCoreError, ClientError
 
@@ -180,9 +157,6 @@ class S3Store:
         except (BotoCoreError, ClientError) as err:
             raise self._fail("LIST", "", err) from None
         return sorted(names)
-
-    def delete(self, name: str) -> None:
-        self._client.delete_object(Bucket=self.bucket, Key=self._key(name))
 
     def scratch_dir(self) -> Path:
         return Path(tempfile.gettempdir())

@@ -284,6 +284,9 @@ class Decoder(nn.Module):
             nn.Parameter(torch.zeros(1, cfg.width_at(r), r, r)) for r in self.bias_resolutions)
         self.out_net = DmolNet(cfg)
 
+    def activation_dtype(self) -> torch.dtype:
+        return _compute_dtype(self.out_net.gain)
+
     def initial_state(self, dtype: torch.dtype) -> dict[int, torch.Tensor]:
         return {b.shape[2]: b for b in self.bias_xs(dtype)}
 
@@ -319,7 +322,7 @@ class Decoder(nn.Module):
                num_posterior: int = 0, generator: torch.Generator | None = None) -> torch.Tensor:
         """DMoL parameters of n images: the first `num_posterior` latent groups from q(z|acts), the rest from the prior."""
         acts = {a.shape[2]: a for a in activations or []}
-        xs = self.initial_state(_compute_dtype(self.out_net.gain))
+        xs = self.initial_state(self.activation_dtype())
         for i, block in enumerate(self.dec_blocks):
             lowres = xs[block.mixin] if block.mixin is not None else None
             if i < num_posterior:
@@ -397,7 +400,7 @@ class VDVAE(nn.Module):
     def elbo(self, images: torch.Tensor) -> ElboTerms:
         """Negative ELBO of uint8 images (N, H, W, 3), nats per dimension."""
         inp, target = self.preprocess(images)
-        h, kls = self.decoder(self.encoder(inp.to(_compute_dtype(self.decoder.out_net.gain))))
+        h, kls = self.decoder(self.encoder(inp.to(self.decoder.activation_dtype())))
         num_dims = target[0].numel()
         distortion = self._neg_log_prob(h, target) / num_dims
         rate = kls.sum(0) / num_dims  # (N,)
@@ -468,7 +471,7 @@ class VDVAE(nn.Module):
         if not 0 <= num_groups <= self.config.num_latent_groups:
             raise ValueError(f"num_groups={num_groups}: must be in [0, {self.config.num_latent_groups}]")
         inp, _ = self.preprocess(images)
-        acts = self.encoder(inp.to(_compute_dtype(self.decoder.out_net.gain))) if num_groups else None
+        acts = self.encoder(inp.to(self.decoder.activation_dtype())) if num_groups else None
         params = self.decoder.sample(images.shape[0], self._temperatures(temperature), acts,
                                      num_posterior=num_groups, generator=generator)
         return to_uint8(dmol_sample(params, generator))

@@ -3,11 +3,11 @@
 PyTorch on CPU allocates and frees large activation tensors many times a
 step. glibc's malloc serves them slowly once its dynamic mmap threshold has
 risen, and keeps freed blocks resident; tcmalloc reuses them from its own
-page heap. Measured here (tests/benchmarks/RESULTS.md): ffhq1024 batch 1
-train step 14.2 s -> 9.0 s without checkpointing, and with checkpointing
-peak RSS 4.5 -> 3.3 GB. The allocator is chosen when a process starts
-(LD_PRELOAD), so a running process re-executes itself once to apply it.
-On a GPU the CUDA caching allocator holds the activations and this matters
+page heap. Measured here (tests/benchmarks/RESULTS.md, ffhq1024 batch 1):
+train step 17.5 s -> 9.3 s without checkpointing; with checkpointing
+14.7 s -> 11.4 s and peak RSS 3.78 -> 3.07 GB. The allocator is chosen
+when a process starts (LD_PRELOAD), so a running process re-executes itself
+once to apply it. On a GPU the CUDA caching allocator holds the activations and this matters
 far less, but it does no harm.
 """
 
