@@ -43,7 +43,7 @@ def find_images(src: Path) -> dict[int, Path]:
     return dict(sorted(files.items()))
 
 
-def _decode(path: Path, size: int) -> tuple[np.ndarray, bytes]:
+def _decode(path: Path, size: int) -> tuple[Image.Image, bytes]:
     try:
         data = path.read_bytes()
         with Image.open(io.BytesIO(data)) as image:
@@ -54,7 +54,7 @@ def _decode(path: Path, size: int) -> tuple[np.ndarray, bytes]:
             if image.mode != "RGB":
                 raise Rejected(str(path), f"mode {image.mode}, expected RGB")
             image.load()  # decodes the whole file: a truncated one fails here
-            return np.asarray(image), data
+            return image, data
     except Rejected:
         raise
     except Exception as err:  # truncated or unreadable
@@ -81,9 +81,10 @@ def plan_1024(src: Path) -> dict[str, SplitPlan]:
             for split, numbers in splits.items() if numbers}
 
 
-def resize_256(image: np.ndarray) -> np.ndarray:
+def resize_256(image: np.ndarray | Image.Image) -> np.ndarray:
     """1024 -> 256 px, bilinear with antialiasing (PIL's filter support scales with the factor)."""
-    return np.asarray(Image.fromarray(image).resize((256, 256), Image.Resampling.BILINEAR, reducing_gap=None))
+    image = Image.fromarray(image) if isinstance(image, np.ndarray) else image
+    return np.asarray(image.resize((256, 256), Image.Resampling.BILINEAR, reducing_gap=None))
 
 
 def split_256() -> tuple[np.ndarray, np.ndarray]:

@@ -28,12 +28,12 @@ from PIL import Image
 from tqdm import tqdm
 
 from . import cifar10, ffhq, folder, imagenet
-from .shards import Sample, ShardWriter, file_digest
+from .shards import Sample, ShardWriter
 from .source import Rejected, SourceError, SplitPlan
 from .storage import LocalStore, open_store, temporary_name
 from pipeline.environment import Ranks
 
-FORMAT = "vdvae-shards/1"
+FORMAT = "vdvae-shards/2"  # 2: shards list their samples' byte offsets
 READERS = {
     "cifar10": cifar10.plan,
     "imagenet32": lambda src: imagenet.plan(src, 32),
@@ -100,7 +100,7 @@ _PLANS: dict[str, SplitPlan] = {}
 def _encode_shard(args) -> tuple[Path, dict]:
     """Read, check and encode one shard into a local temporary tar, sample by sample.
 
-    Returns the tar and its record, less its size and digest (see _commit_shard).
+    Returns the tar and its record (see _commit_shard).
     """
     out_url, options, split, index = args
     plan = _PLANS[split]
@@ -120,20 +120,22 @@ def _encode_shard(args) -> tuple[Path, dict]:
                     raise SourceError(f"{bad} (stopping: --strict)") from None
                 rejections.append({"file": bad.file, "reason": bad.reason})
                 continue
-            meta = dict(meta, width=int(image.shape[1]), height=int(image.shape[0]))
-            writer.add(image, Sample(f"{split}{i:07d}", encoded or encode_png(image), meta, label))
-        histogram, count = writer.close()
+            width, height = image.size if isinstance(image, Image.Image) else image.shape[1::-1]
+            meta = dict(meta, width=int(width), height=int(height))
+            writer.add(image, Sample(f"{split}{i:07d}", encoded or encode_png(np.asarray(image)), meta, label))
+        histogram, shard = writer.close()
     except BaseException:
         writer.close(abandon=True)
         tmp.unlink(missing_ok=True)
         raise
-    record = {"fingerprint": options.fingerprint(split, plan), "name": name, "count": count,
+    record = {"fingerprint": options.fingerprint(split, plan), "name": name, "count": shard.count,
+              "bytes": shard.size, "sha256": shard.sha256, "offsets": shard.offsets,
               "histogram": histogram.tolist(), "rejections": rejections}
     return tmp, record
 
 
 class _BackgroundWriter:
-    """Tars samples and counts their pixel histograms on a helper thread.
+    """Tars and hashes samples and counts their pixel histograms on a helper thread.
 
     The reading thread only decodes (and encodes, where needed); a bounded
     queue keeps memory to a few samples.
@@ -152,32 +154,30 @@ class _BackgroundWriter:
             if self._error is None:
                 try:
                     image, sample = item
-                    self._histogram += np.asarray(Image.fromarray(image).histogram(),
-                                                  dtype=np.int64).reshape(3, 256)
+                    image = image if isinstance(image, Image.Image) else Image.fromarray(image)
+                    self._histogram += np.asarray(image.histogram(), dtype=np.int64).reshape(3, 256)
                     self._writer.add(sample)
                 except BaseException as err:  # reported by add() or close()
                     self._error = err
 
-    def add(self, image: np.ndarray, sample: Sample) -> None:
+    def add(self, image: np.ndarray | Image.Image, sample: Sample) -> None:
         if self._error is not None:
             raise self._error
         self._queue.put((image, sample))
 
-    def close(self, abandon: bool = False) -> tuple[np.ndarray, int]:
+    def close(self, abandon: bool = False) -> tuple[np.ndarray, ShardWriter]:
         self._queue.put(None)
         self._thread.join()
         self._writer.close()
         if self._error is not None and not abandon:
             raise self._error
-        return self._histogram, self._writer.count
+        return self._histogram, self._writer
 
 
 def _commit_shard(out_url: str, split: str, tmp: Path, record: dict) -> dict:
-    """Digest the finished tar, put it in the store under its name, then its record (the commit)."""
+    """Put the finished tar in the store under its name, then its record (the commit)."""
     store = open_store(f"{out_url.rstrip('/')}/{split}")
     try:
-        size, sha = file_digest(tmp)
-        record = dict(record, bytes=size, sha256=sha)
         store.put_file(record["name"], tmp)
     finally:
         tmp.unlink(missing_ok=True)
@@ -321,7 +321,7 @@ def _finalize_split(options: PrepOptions, split: str, plan: SplitPlan, out_url: 
         "bits": DATASET_BITS[options.dataset],
         "channel_mean": [round(float(v), 6) for v in mean],
         "channel_std": [round(float(v), 6) for v in std],
-        "shards": [{k: r[k] for k in ("name", "count", "bytes", "sha256")} for r in shards],
+        "shards": [{k: r[k] for k in ("name", "count", "bytes", "sha256", "offsets")} for r in shards],
         "rejections": [bad for r in shards for bad in r["rejections"]],
         "tool_version": _tool_version(),
     }

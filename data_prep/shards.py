@@ -46,21 +46,30 @@ class ShardWriter:
 
     Writes each member as one header + data + padding, the bytes
     `tarfile` writes for it (tested), without its per-16-KiB copy loop.
+    Hashes as it writes (`sha256`, `size`) and records where each sample
+    starts (`offsets`), so a reader can fetch any run of samples with one
+    ranged request.
     """
 
     def __init__(self, path: Path):
         self._file = open(path, "wb")
+        self._hash = hashlib.sha256()
         self._offset = 0
         self.count = 0
+        self.offsets: list[int] = []
+
+    def _write(self, data: bytes) -> None:
+        self._file.write(data)
+        self._hash.update(data)
+        self._offset += len(data)
 
     def _member(self, name: str, data: bytes) -> None:
         info, _ = _member(name, data)
         header = info.tobuf(format=tarfile.USTAR_FORMAT, encoding="utf-8", errors="surrogateescape")
-        padding = -len(data) % tarfile.BLOCKSIZE
-        self._file.write(b"".join((header, data, tarfile.NUL * padding)))
-        self._offset += len(header) + len(data) + padding
+        self._write(b"".join((header, data, tarfile.NUL * (-len(data) % tarfile.BLOCKSIZE))))
 
     def add(self, s: Sample) -> None:
+        self.offsets.append(self._offset)
         self._member(f"{s.key}.png", s.png)
         self._member(f"{s.key}.json", json.dumps(s.meta, sort_keys=True, separators=(",", ":")).encode())
         if s.label is not None:
@@ -71,8 +80,16 @@ class ShardWriter:
         if self._file.closed:
             return
         end = self._offset + 2 * tarfile.BLOCKSIZE  # two zero blocks, then pad to a whole record
-        self._file.write(tarfile.NUL * (2 * tarfile.BLOCKSIZE + (-end % tarfile.RECORDSIZE)))
+        self._write(tarfile.NUL * (2 * tarfile.BLOCKSIZE + (-end % tarfile.RECORDSIZE)))
         self._file.close()
+
+    @property
+    def size(self) -> int:
+        return self._offset
+
+    @property
+    def sha256(self) -> str:
+        return self._hash.hexdigest()
 
     def __enter__(self) -> "ShardWriter":
         return self
@@ -80,13 +97,3 @@ class ShardWriter:
     def __exit__(self, *exc) -> None:
         self.close()
 
-
-def file_digest(path: Path) -> tuple[int, str]:
-    """(size in bytes, sha256 hex) of a file."""
-    digest = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-            size += len(chunk)
-    return size, digest.hexdigest()

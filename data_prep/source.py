@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image
 
 
 class SourceError(ValueError):
@@ -26,7 +27,7 @@ class SplitPlan:
     how: str
     """How the split was made, in words a reader can check against the paper's code."""
     resolution: int
-    get: Callable[[int], tuple[np.ndarray, int | None, dict, bytes | None]]
-    """i -> (uint8 image (H, W, 3), label or None, metadata for the sample's json, the
-    source's own PNG bytes to store as they are, or None to encode the image).
-    Raises `Rejected` for a bad item."""
+    get: Callable[[int], tuple[np.ndarray | Image.Image, int | None, dict, bytes | None]]
+    """i -> (uint8 image (H, W, 3), or a decoded RGB PIL image, label or None, metadata
+    for the sample's json, the source's own PNG bytes to store as they are, or None to
+    encode the image). Raises `Rejected` for a bad item."""

@@ -1,7 +1,7 @@
 """Storage locations as URLs: `s3://bucket/prefix` or a local folder.
 
-One small interface for the shard writer, the manifest and (later) the
-streaming loader. Writes are atomic: a local file is written under a
+One small interface for the shard writer, the manifest and the streaming
+loader. Writes are atomic: a local file is written under a
 temporary name and renamed; an S3 object becomes visible only when its
 upload completes. So a reader never sees half an object under its final
 name. S3 uses boto3 with the standard AWS configuration chain
@@ -11,10 +11,14 @@ with backoff; credentials never appear in messages.
 
 from __future__ import annotations
 
+import io
 import os
+import random
 import shutil
 import socket
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlparse
@@ -74,6 +78,19 @@ class LocalStore:
         with open(path, "rb") as src:
             self.write_with(name, lambda f: shutil.copyfileobj(src, f, 1 << 22))
 
+    def read_range(self, name: str, start: int, end: int, retry: "Retry | None" = None) -> bytes:
+        """Bytes [start, end) of an object; fewer if the file is shorter (a truncated shard)."""
+        try:
+            with open(self._path(name), "rb") as f:
+                f.seek(start)
+                return f.read(end - start)
+        except FileNotFoundError:
+            raise StorageError(f"{self.url}/{name} does not exist; was the split prepared completely "
+                               "(see its manifest.json)?") from None
+
+    def open_reader(self, name: str, retry: "Retry | None" = None):
+        return open(self._path(name), "rb")
+
     def list(self) -> list[str]:
         if not self.root.is_dir():
             return []
@@ -101,16 +118,49 @@ class LocalStore:
         return removed
 
 
+@dataclass(frozen=True)
+class Retry:
+    """How long a read keeps trying: `attempts` tries, waits doubling from `backoff` up to `max_backoff` s."""
+    attempts: int = 10
+    backoff: float = 0.5
+    max_backoff: float = 8.0
+
+    def wait(self, attempt: int) -> None:
+        delay = min(self.max_backoff, self.backoff * 2 ** attempt)
+        time.sleep(delay * (0.75 + 0.5 * random.random()))
+
+
+_PERMANENT = {"NoSuchKey", "NoSuchBucket", "404", "AccessDenied", "403", "InvalidAccessKeyId",
+              "SignatureDoesNotMatch", "PreconditionFailed", "412", "InvalidRange", "416"}
+
+
 class S3Store:
     def __init__(self, bucket: str, prefix: str):
-        import boto3
-        from botocore.config import Config
-
         self.bucket, self.prefix = bucket, prefix.strip("/")
         self.url = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
-        self._client = boto3.client(
-            "s3", config=Config(retries={"max_attempts": 8, "mode": "adaptive"},
-                                connect_timeout=10, read_timeout=60))
+        self._clients: dict[tuple[int, str], object] = {}
+
+    @property
+    def _client(self):
+        return self._client_for("write")
+
+    def _client_for(self, use: str):
+        """A boto3 client per process (clients do not survive fork) and use.
+
+        Writes lean on botocore's adaptive retries; reads retry in
+        `S3Reader`, which resumes from the byte it reached.
+        """
+        key = (os.getpid(), use)
+        if key not in self._clients:
+            import boto3
+            from botocore.config import Config
+
+            retries = {"max_attempts": 8, "mode": "adaptive"} if use == "write" else {"max_attempts": 2,
+                                                                                      "mode": "standard"}
+            self._clients[key] = boto3.client("s3", config=Config(
+                retries=retries, connect_timeout=5 if use == "read" else 10, read_timeout=60,
+                max_pool_connections=16))
+        return self._clients[key]
 
     def _key(self, name: str) -> str:
         return f"{self.prefix}/{name}" if self.prefix else name
@@ -145,6 +195,16 @@ class S3Store:
         except (BotoCoreError, ClientError, S3UploadFailedError) as err:
             raise self._fail("upload of", name, err) from None
 
+    def open_reader(self, name: str, retry: Retry | None = None, start: int = 0,
+                    end: int | None = None) -> "S3Reader":
+        return S3Reader(self._client_for("read"), self.bucket, self._key(name), f"{self.url}/{name}",
+                        start, end, retry or Retry())
+
+    def read_range(self, name: str, start: int, end: int, retry: Retry | None = None) -> bytes:
+        """Bytes [start, end) of an object, resuming a broken transfer from the byte it reached."""
+        with self.open_reader(name, retry, start, end) as reader:
+            return reader.read()
+
     def list(self) -> list[str]:
         from botocore.exceptions import BotoCoreError, ClientError
 
@@ -160,6 +220,106 @@ class S3Store:
 
     def scratch_dir(self) -> Path:
         return Path(tempfile.gettempdir())
+
+
+class S3Reader(io.RawIOBase):
+    """A GET as a file, bytes [start, end), that survives a flaky server.
+
+    A transfer that breaks (reset, timeout, server gone) is reopened with a
+    ranged GET from the byte it reached, pinned to the object's ETag (an
+    object replaced meanwhile is an error, not a silent mix), after a
+    backoff; `retry.attempts` failures in a row raise `StorageError`
+    naming the object. A missing object or a refused request fails at once.
+    """
+
+    def __init__(self, client, bucket: str, key: str, url: str, start: int = 0, end: int | None = None,
+                 retry: Retry | None = None):
+        super().__init__()
+        self._client, self._bucket, self._key, self.url = client, bucket, key, url
+        self._pos, self._end, self._retry = start, end, retry or Retry()
+        self._body = None
+        self._etag: str | None = None
+        self.reopened = 0  # how many times a broken transfer was resumed
+
+    def readable(self) -> bool:
+        return True
+
+    def _open(self) -> None:
+        last = "" if self._end is None else str(self._end - 1)
+        args = {"Bucket": self._bucket, "Key": self._key, "Range": f"bytes={self._pos}-{last}"}
+        if self._etag:
+            args["IfMatch"] = self._etag
+        response = self._client.get_object(**args)
+        self._etag = self._etag or response.get("ETag")
+        self._body = response["Body"]
+        if self._end is None:  # "bytes START-/TOTAL"
+            self._end = int(response["ContentRange"].rsplit("/", 1)[1]) if "ContentRange" in response \
+                else self._pos + response["ContentLength"]
+
+    def _close_body(self) -> None:
+        if self._body is not None:
+            try:
+                self._body.close()
+            except Exception:
+                pass
+            self._body = None
+
+    def readinto(self, buffer) -> int:
+        from botocore.exceptions import ClientError
+
+        if self._end is not None and self._pos >= self._end:
+            return 0
+        view = memoryview(buffer).cast("B")
+        failures = 0
+        while True:
+            try:
+                if self._body is None:
+                    self._open()
+                    if self._pos >= self._end:
+                        return 0
+                want = min(len(view), self._end - self._pos)
+                chunk = self._body.read(want)
+                if not chunk:
+                    raise ConnectionError(f"transfer ended at byte {self._pos} of {self._end}")
+                view[:len(chunk)] = chunk
+                self._pos += len(chunk)
+                return len(chunk)
+            except ClientError as err:
+                code = str(err.response.get("Error", {}).get("Code", ""))
+                if code in ("InvalidRange", "416") and self._pos == 0:
+                    self._end = 0  # an empty object
+                    return 0
+                if code in _PERMANENT:
+                    self._close_body()
+                    what = {"NoSuchKey": "does not exist", "404": "does not exist",
+                            "PreconditionFailed": "changed while it was being read",
+                            "412": "changed while it was being read"}.get(code, f"cannot be read ({code})")
+                    raise StorageError(f"{self.url} {what}. Check the endpoint (AWS_ENDPOINT_URL), the "
+                                       "credentials, and that the split's manifest lists what is in the bucket "
+                                       "(run the prep again if shards are missing).") from None
+                failures = self._failed(failures, code)
+            except Exception as err:  # connection refused / reset, timeouts, truncated transfer
+                failures = self._failed(failures, type(err).__name__)
+
+    def _failed(self, failures: int, why: str) -> int:
+        self._close_body()
+        if failures + 1 >= self._retry.attempts:
+            raise StorageError(f"reading {self.url} failed {failures + 1} times in a row at byte {self._pos} "
+                               f"({why}); the object store stayed unreachable. Check the endpoint "
+                               "(AWS_ENDPOINT_URL) and the network, then resume from the last checkpoint.")
+        self._retry.wait(failures)
+        self.reopened += 1
+        return failures + 1
+
+    def readall(self) -> bytes:
+        parts = []
+        while chunk := self.read(1 << 20):
+            parts.append(chunk)
+        return b"".join(parts)
+
+    def close(self) -> None:
+        self._close_body()
+        super().close()
 
 
 def temporary_name(name: str) -> str:

@@ -43,7 +43,8 @@ class SeaweedFS:
         self.proc = subprocess.Popen(
             [weed, "server", f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
              f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}",
-             "-s3", f"-s3.port={s3}", "-master.volumeSizeLimitMB=64", "-volume.max=0"],
+             "-s3", f"-s3.port={s3}", "-s3.port.iceberg=0", "-s3.port.lance=0",
+             "-master.volumeSizeLimitMB=64", "-volume.max=0"],
             stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.time() + timeout
         while True:

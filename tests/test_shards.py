@@ -1,5 +1,6 @@
 """The shard writer writes exactly the bytes of Python's tarfile, and stock readers read them."""
 
+import hashlib
 import io
 import json
 import tarfile
@@ -30,6 +31,17 @@ def test_bytes_equal_tarfile(tmp_path):
     with tarfile.open(tmp_path / "ours.tar") as tar:
         assert tar.getnames()[:3] == ["a0000001.png", "a0000001.json", "a0000001.cls"]
         assert tar.extractfile("a-3_x.png").read() == bytes(range(256)) * 9
+
+
+def test_size_digest_and_sample_offsets(tmp_path):
+    with ShardWriter(tmp_path / "s.tar") as writer:
+        for s in samples():
+            writer.add(s)
+    data = (tmp_path / "s.tar").read_bytes()
+    assert writer.size == len(data) and writer.sha256 == hashlib.sha256(data).hexdigest()
+    with tarfile.open(tmp_path / "s.tar") as tar:
+        first_members = {m.name: m.offset for m in tar.getmembers() if m.name.endswith(".png")}
+    assert writer.offsets == [first_members[f"{s.key}.png"] for s in samples()]
 
 
 def test_keys_with_dots_are_refused():

@@ -1,6 +1,6 @@
 """Throughput of `vdvae prep` for FFHQ, beside a bare loop over the same images.
 
-    python tests/benchmarks/prep_throughput.py [--images 48]
+    python tests/benchmarks/prep_throughput.py [--images 160] [--samples-per-shard 16] [--repeats 3]
 
 Makes FFHQ-like 1024 px PNG fixtures (real photographs from scikit-learn,
 scaled up, with sensor-like noise so they compress like photographs), then
@@ -11,8 +11,9 @@ reports images/s per process for ffhq1024 and ffhq256:
   - s3: `vdvae prep` to a local SeaweedFS S3 server, one process;
   - ranks: `mpirun -n 2` to the local folder; its speedup over one process.
 Each run's start-up (interpreter, imports, source scan, launcher) is
-measured on a one-image source and subtracted. Prints one JSON line per
-dataset.
+measured on a one-image source and subtracted. Every timing is the median
+of --repeats runs (the bare loop's too), as the server shares the same
+cores. Prints one JSON line per dataset.
 """
 
 from __future__ import annotations
@@ -80,8 +81,14 @@ def run_prep(dataset: str, src: Path, out: str, env: dict, mpi: int = 0, samples
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=48)
+    parser.add_argument("--images", type=int, default=160)
+    parser.add_argument("--samples-per-shard", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    spp = args.samples_per_shard
+
+    def median(measure) -> float:
+        return float(np.median([measure() for _ in range(args.repeats)]))
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -95,19 +102,24 @@ def main() -> None:
             (one / "images1024x1024" / "00000").mkdir(parents=True)
             os.link(paths[0], one / "images1024x1024" / "00000" / "00000.png")
             for dataset in ("ffhq1024", "ffhq256"):
-                bare_rate = bare(paths, dataset)
-                startup = run_prep(dataset, one, str(tmp / f"startup-{dataset}"), env)
-                startup_s3 = run_prep(dataset, one, f"s3://bench/startup-{dataset}", s3_env)
-                startup_mpi = run_prep(dataset, one, str(tmp / f"startup-mpi-{dataset}"), env, mpi=2)
-                local = run_prep(dataset, tmp / "src", str(tmp / f"local-{dataset}"), env) - startup
-                s3 = run_prep(dataset, tmp / "src", f"s3://bench/{dataset}", s3_env) - startup_s3
-                two = run_prep(dataset, tmp / "src", str(tmp / f"ranks-{dataset}"), env, mpi=2) - startup_mpi
+                bare_rate = median(lambda: bare(paths, dataset))
+                runs = iter(range(10**6))  # a fresh output for every run
+
+                def timed(src, out, environ, mpi=0):
+                    return median(lambda: run_prep(dataset, src, f"{out}-{next(runs)}", environ, mpi, spp))
+                startup = timed(one, str(tmp / f"startup-{dataset}"), env)
+                startup_s3 = timed(one, f"s3://bench/startup-{dataset}", s3_env)
+                startup_mpi = timed(one, str(tmp / f"startup-mpi-{dataset}"), env, mpi=2)
+                local = timed(tmp / "src", str(tmp / f"local-{dataset}"), env) - startup
+                s3 = timed(tmp / "src", f"s3://bench/{dataset}", s3_env) - startup_s3
+                two = timed(tmp / "src", str(tmp / f"ranks-{dataset}"), env, mpi=2) - startup_mpi
                 n = len(paths) - 1  # images beyond the start-up runs' one
 
                 def rate(seconds: float, n: int = n) -> float:
                     return n / max(seconds, 1e-9)
                 print(json.dumps({
-                    "dataset": dataset, "images": len(paths),
+                    "dataset": dataset, "images": len(paths), "samples_per_shard": spp,
+                    "repeats": args.repeats,
                     "bare_images_per_s": round(bare_rate, 2),
                     "local_images_per_s": round(rate(local), 2),
                     "s3_images_per_s": round(rate(s3), 2),
