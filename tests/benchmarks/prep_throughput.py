@@ -102,10 +102,10 @@ def main() -> None:
             (one / "images1024x1024" / "00000").mkdir(parents=True)
             os.link(paths[0], one / "images1024x1024" / "00000" / "00000.png")
             for dataset in ("ffhq1024", "ffhq256"):
-                bare_rate = median(lambda: bare(paths, dataset))
+                bare_rate = median(lambda dataset=dataset: bare(paths, dataset))
                 runs = iter(range(10**6))  # a fresh output for every run
 
-                def timed(src, out, environ, mpi=0):
+                def timed(src, out, environ, mpi=0, dataset=dataset, runs=runs):
                     return median(lambda: run_prep(dataset, src, f"{out}-{next(runs)}", environ, mpi, spp))
                 startup = timed(one, str(tmp / f"startup-{dataset}"), env)
                 startup_s3 = timed(one, f"s3://bench/startup-{dataset}", s3_env)
