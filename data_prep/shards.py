@@ -47,8 +47,9 @@ class ShardWriter:
     Writes each member as one header + data + padding, the bytes
     `tarfile` writes for it (tested), without its per-16-KiB copy loop.
     Hashes as it writes (`sha256`, `size`) and records where each sample
-    starts (`offsets`), so a reader can fetch any run of samples with one
-    ranged request.
+    starts and, once closed, where the last one ends (`offsets`, count + 1
+    entries), so a reader can fetch any run of samples with one ranged
+    request.
     """
 
     def __init__(self, path: Path):
@@ -79,6 +80,7 @@ class ShardWriter:
     def close(self) -> None:
         if self._file.closed:
             return
+        self.offsets.append(self._offset)
         end = self._offset + 2 * tarfile.BLOCKSIZE  # two zero blocks, then pad to a whole record
         self._write(tarfile.NUL * (2 * tarfile.BLOCKSIZE + (-end % tarfile.RECORDSIZE)))
         self._file.close()

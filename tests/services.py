@@ -39,12 +39,20 @@ class SeaweedFS:
         self.endpoint = f"http://127.0.0.1:{s3}"
         self.env = {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": "test",
                     "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
-        self._log = open(self.data_dir / "weed.log", "wb")
+        self._ports = (master, volume, filer, s3)
+        self.start(timeout)
+
+    def start(self, timeout: float = 60.0) -> None:
+        """Start (or restart, on the same ports and data) and wait until S3 answers."""
+        weed = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
+        master, volume, filer, s3 = self._ports
+        self._log = open(self.data_dir / "weed.log", "ab")
         self.proc = subprocess.Popen(
             [weed, "server", f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
              f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}",
              "-s3", f"-s3.port={s3}", "-s3.port.iceberg=0", "-s3.port.lance=0",
-             "-master.volumeSizeLimitMB=64", "-volume.max=0"],
+             "-master.volumeSizeLimitMB=64", "-volume.max=0", "-volume.preStopSeconds=0",
+             "-master.electionTimeout=1s"],
             stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.time() + timeout
         while True:
@@ -65,9 +73,80 @@ class SeaweedFS:
                             aws_secret_access_key="test", region_name="us-east-1")
 
     def stop(self) -> None:
+        """SIGTERM, then SIGKILL after 3 s: the filer's graceful gRPC stop waits 15 s for
+        subscribers; by then the volume server has stopped and the data is on disk."""
         self.proc.terminate()
         try:
-            self.proc.wait(timeout=20)
+            self.proc.wait(timeout=3)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+            self.proc.wait()
         self._log.close()
+
+
+class CuttingProxy:
+    """A TCP proxy to a local server that breaks transfers: the first `cuts`
+    connections are reset after `after` bytes of response, as a flaky network does."""
+
+    def __init__(self, upstream_port: int, after: int, cuts: int):
+        import threading
+
+        self._upstream, self._after, self.cuts_left = upstream_port, after, cuts
+        self.cut = 0
+        self._lock = threading.Lock()
+        self._server = socket.socket()
+        self._server.bind(("127.0.0.1", 0))
+        self._server.listen(16)
+        self.endpoint = f"http://127.0.0.1:{self._server.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import threading
+
+        while True:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            with self._lock:
+                cutting = self.cuts_left > 0
+                self.cuts_left -= cutting
+            threading.Thread(target=self._serve, args=(client, cutting), daemon=True).start()
+
+    def _serve(self, client: socket.socket, cutting: bool) -> None:
+        import struct
+        import threading
+
+        upstream = socket.create_connection(("127.0.0.1", self._upstream))
+
+        def pump(src, dst, limit=None):
+            sent = 0
+            try:
+                while data := src.recv(65536):
+                    if limit is not None and sent + len(data) >= limit:
+                        dst.sendall(data[: limit - sent])
+                        with self._lock:
+                            self.cut += 1
+                        for sock in (client, upstream):  # drop the connection mid-reply
+                            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                            try:
+                                sock.shutdown(socket.SHUT_RDWR)  # also wakes the other direction's recv
+                            except OSError:
+                                pass
+                            sock.close()
+                        return
+                    dst.sendall(data)
+                    sent += len(data)
+            except OSError:
+                pass
+            for sock in (src, dst):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+        threading.Thread(target=pump, args=(client, upstream), daemon=True).start()
+        pump(upstream, client, self._after if cutting else None)
+
+    def close(self) -> None:
+        self._server.close()

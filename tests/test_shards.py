@@ -41,7 +41,9 @@ def test_size_digest_and_sample_offsets(tmp_path):
     assert writer.size == len(data) and writer.sha256 == hashlib.sha256(data).hexdigest()
     with tarfile.open(tmp_path / "s.tar") as tar:
         first_members = {m.name: m.offset for m in tar.getmembers() if m.name.endswith(".png")}
-    assert writer.offsets == [first_members[f"{s.key}.png"] for s in samples()]
+    assert writer.offsets[:-1] == [first_members[f"{s.key}.png"] for s in samples()]
+    assert len(data) - writer.offsets[-1] >= 1024 and set(data[writer.offsets[-1]:]) == {0}  # the trailer
+    assert data[writer.offsets[-1] - 512:writer.offsets[-1]] != bytes(512)  # the last sample's data
 
 
 def test_keys_with_dots_are_refused():
