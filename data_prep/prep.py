@@ -30,7 +30,7 @@ from tqdm import tqdm
 from . import cifar10, ffhq, folder, imagenet
 from .shards import Sample, ShardWriter
 from .source import Rejected, SourceError, SplitPlan
-from .storage import LocalStore, open_store, temporary_name
+from .storage import open_store, temporary_name
 from pipeline.environment import Ranks
 
 FORMAT = "vdvae-shards/2"  # 2: shards list their samples' byte offsets
@@ -259,8 +259,7 @@ def _check_existing(options: PrepOptions, split: str, plan: SplitPlan, out_url: 
 def _build_split(options: PrepOptions, split: str, plan: SplitPlan, out_url: str, workers: int,
                  ranks: Ranks, progress: bool) -> None:
     store = open_store(f"{out_url.rstrip('/')}/{split}")
-    if isinstance(store, LocalStore):
-        store.remove_stale_temporaries()
+    store.remove_stale_temporaries()
     records = _records(store, options.fingerprint(split, plan))
     num_shards = math.ceil(plan.num_samples / options.samples_per_shard)
     mine = range(ranks.rank, num_shards, ranks.world)

@@ -102,20 +102,7 @@ class LocalStore:
         return self.root
 
     def remove_stale_temporaries(self) -> int:
-        """Delete temporary files left by killed processes of this host; return how many.
-
-        Temporary names carry host and process id (see `temporary_name`), so
-        the files of processes still running, here or on other nodes of a
-        shared filesystem, are left alone.
-        """
-        host = socket.gethostname()
-        removed = 0
-        for path in self.root.glob(".*.tmp") if self.root.is_dir() else []:
-            parts = path.name.rsplit(".", 3)  # .NAME . HOST . PID . tmp
-            if len(parts) == 4 and parts[1] == host and parts[2].isdigit() and not _alive(int(parts[2])):
-                path.unlink(missing_ok=True)
-                removed += 1
-        return removed
+        return remove_stale_temporaries(self.root)
 
 
 @dataclass(frozen=True)
@@ -135,8 +122,9 @@ _PERMANENT = {"NoSuchKey", "NoSuchBucket", "404", "AccessDenied", "403", "Invali
 
 
 class S3Store:
-    def __init__(self, bucket: str, prefix: str):
+    def __init__(self, bucket: str, prefix: str, retry: Retry | None = None):
         self.bucket, self.prefix = bucket, prefix.strip("/")
+        self.retry = retry or Retry()
         self.url = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
         self._clients: dict[tuple[int, str], object] = {}
 
@@ -147,18 +135,16 @@ class S3Store:
     def _client_for(self, use: str):
         """A boto3 client per process (clients do not survive fork) and use.
 
-        Writes lean on botocore's adaptive retries; reads retry in
-        `S3Reader`, which resumes from the byte it reached.
+        botocore retries once; `_call` and `S3Reader` (which resumes
+        from the byte it reached) retry with `Retry`'s longer backoff.
         """
         key = (os.getpid(), use)
         if key not in self._clients:
             import boto3
             from botocore.config import Config
 
-            retries = {"max_attempts": 8, "mode": "adaptive"} if use == "write" else {"max_attempts": 2,
-                                                                                      "mode": "standard"}
             self._clients[key] = boto3.client("s3", config=Config(
-                retries=retries, connect_timeout=5 if use == "read" else 10, read_timeout=60,
+                retries={"max_attempts": 2, "mode": "standard"}, connect_timeout=5 if use == "read" else 10, read_timeout=60,
                 max_pool_connections=16))
         return self._clients[key]
 
@@ -170,30 +156,44 @@ class S3Store:
         return StorageError(f"{what} {self.url}/{name} failed after retries: {code}. Check the bucket, "
                             "the endpoint (AWS_ENDPOINT_URL) and the credentials (AWS_* variables or profile).")
 
-    def read_bytes(self, name: str) -> bytes:
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
-            return self._client.get_object(Bucket=self.bucket, Key=self._key(name))["Body"].read()
-        except (BotoCoreError, ClientError) as err:
-            raise self._fail("GET", name, err) from None
-
-    def write_bytes(self, name: str, data: bytes) -> None:
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
-            self._client.put_object(Bucket=self.bucket, Key=self._key(name), Body=data)
-        except (BotoCoreError, ClientError) as err:
-            raise self._fail("PUT", name, err) from None
-
-    def put_file(self, name: str, path: Path) -> None:
+    def _call(self, what: str, name: str, action):
+        """Run one request, retrying transient failures (server down, reset, 5xx, throttling) with
+        `self.retry`'s backoff; a refused request (missing bucket, no access) fails at once."""
         from boto3.exceptions import S3UploadFailedError
         from botocore.exceptions import BotoCoreError, ClientError
 
-        try:  # multipart above 8 MiB; the object appears only when complete
-            self._client.upload_file(str(path), self.bucket, self._key(name))
-        except (BotoCoreError, ClientError, S3UploadFailedError) as err:
-            raise self._fail("upload of", name, err) from None
+        failures = 0
+        while True:
+            try:
+                return action()
+            except ClientError as err:
+                code = str(err.response.get("Error", {}).get("Code", ""))
+                status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 500)
+                if code in _PERMANENT or (400 <= status < 500 and status not in (408, 429)
+                                          and "Throttl" not in code and "SlowDown" not in code):
+                    raise self._fail(what, name, err) from None
+                last = err
+            except S3UploadFailedError as err:
+                if any(code in str(err) for code in _PERMANENT):
+                    raise self._fail(what, name, err) from None
+                last = err
+            except (BotoCoreError, OSError) as err:
+                last = err
+            failures += 1
+            if failures >= self.retry.attempts:
+                raise self._fail(what, name, last) from None
+            self.retry.wait(failures - 1)
+
+    def read_bytes(self, name: str) -> bytes:
+        return self._call("GET", name, lambda: self._client.get_object(
+            Bucket=self.bucket, Key=self._key(name))["Body"].read())
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        self._call("PUT", name, lambda: self._client.put_object(Bucket=self.bucket, Key=self._key(name), Body=data))
+
+    def put_file(self, name: str, path: Path) -> None:
+        # multipart above 8 MiB; the object appears only when complete
+        self._call("upload of", name, lambda: self._client.upload_file(str(path), self.bucket, self._key(name)))
 
     def open_reader(self, name: str, retry: Retry | None = None, start: int = 0,
                     end: int | None = None) -> "S3Reader":
@@ -206,20 +206,24 @@ class S3Store:
             return reader.read()
 
     def list(self) -> list[str]:
-        from botocore.exceptions import BotoCoreError, ClientError
-
         prefix = f"{self.prefix}/" if self.prefix else ""
-        names = []
-        try:
+
+        def pages() -> list[str]:
+            names = []
             for page in self._client.get_paginator("list_objects_v2").paginate(
                     Bucket=self.bucket, Prefix=prefix, Delimiter="/"):
                 names += [obj["Key"][len(prefix):] for obj in page.get("Contents", [])]
-        except (BotoCoreError, ClientError) as err:
-            raise self._fail("LIST", "", err) from None
-        return sorted(names)
+            return names
+        return sorted(self._call("LIST", "", pages))
 
     def scratch_dir(self) -> Path:
-        return Path(tempfile.gettempdir())
+        """Local files on their way to S3: one folder, so that a rerun can clean up after a kill."""
+        folder = Path(tempfile.gettempdir()) / "vdvae-prep"
+        folder.mkdir(exist_ok=True)
+        return folder
+
+    def remove_stale_temporaries(self) -> int:
+        return remove_stale_temporaries(self.scratch_dir())
 
 
 class S3Reader(io.RawIOBase):
@@ -320,6 +324,23 @@ class S3Reader(io.RawIOBase):
     def close(self) -> None:
         self._close_body()
         super().close()
+
+
+def remove_stale_temporaries(folder: Path) -> int:
+    """Delete temporary files left in `folder` by killed processes of this host; return how many.
+
+    Temporary names carry host and process id (see `temporary_name`), so
+    the files of processes still running, here or on other nodes of a
+    shared filesystem, are left alone.
+    """
+    host = socket.gethostname()
+    removed = 0
+    for path in folder.glob(".*.tmp") if folder.is_dir() else []:
+        parts = path.name.rsplit(".", 3)  # .NAME . HOST . PID . tmp
+        if len(parts) == 4 and parts[1] == host and parts[2].isdigit() and not _alive(int(parts[2])):
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
 
 
 def temporary_name(name: str) -> str:

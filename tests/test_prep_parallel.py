@@ -1,6 +1,7 @@
 """Parallel and interrupted prep: real MPI ranks (mpirun) on a real S3 server, Slurm-array-style
 tasks with a finalize step, and `kill -9` followed by a rerun."""
 
+import json
 import os
 import re
 import signal
@@ -104,3 +105,42 @@ def test_kill_9_then_rerun_equals_a_clean_run(cifar_src, tmp_path):
         assert (folder / "manifest.json").read_bytes() == (tmp_path / "clean" / split / "manifest.json").read_bytes()
         for shard in (tmp_path / "clean" / split).glob("*.tar"):
             assert (folder / shard.name).read_bytes() == shard.read_bytes()
+
+
+def test_s3_down_mid_prep_then_back_completes_like_a_clean_run(cifar_src, tmp_path):
+    """The server is killed after the first shards and comes back 8 s later: the prep waits and finishes."""
+    from data_prep.storage import S3Store
+    from services import SeaweedFS
+
+    src, _ = cifar_src
+    prep("cifar10", src, str(tmp_path / "clean"), samples_per_shard=250, progress=False)
+    server = SeaweedFS(tmp_path / "weed")
+    try:
+        server.client().create_bucket(Bucket="outage")
+        # a temporary left on its way to S3 by a killed process: removed by the next run
+        dead = subprocess.Popen(["true"])
+        dead.wait()
+        scratch = S3Store("outage", "x").scratch_dir()
+        stale = scratch / f".train-000003.tar-encoded.{socket.gethostname()}.{dead.pid}.tmp"
+        stale.write_bytes(b"half a shard")
+        proc = subprocess.Popen([*VDVAE, "prep", "cifar10", "--src", str(src), "--out", "s3://outage/c10",
+                                 "--samples-per-shard", "250"], env=env_with(**server.env),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        client = server.client()
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None and client.list_objects_v2(
+                Bucket="outage", Prefix="c10/train/").get("KeyCount", 0) < 4:
+            time.sleep(0.05)
+        assert proc.poll() is None, "the prep finished before the outage"
+        server.stop()
+        time.sleep(8)
+        assert proc.poll() is None, "the prep gave up during the outage"
+        server.start()
+        assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()[-2000:]
+        assert not stale.exists()
+        for split in ("train", "valid", "test"):
+            ours = json.loads(client.get_object(Bucket="outage", Key=f"c10/{split}/manifest.json")["Body"].read())
+            clean = json.loads((tmp_path / "clean" / split / "manifest.json").read_text())
+            assert ours["shards"] == clean["shards"]
+    finally:
+        server.stop()
