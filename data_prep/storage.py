@@ -88,9 +88,6 @@ class LocalStore:
             raise StorageError(f"{self.url}/{name} does not exist; was the split prepared completely "
                                "(see its manifest.json)?") from None
 
-    def open_reader(self, name: str, retry: "Retry | None" = None):
-        return open(self._path(name), "rb")
-
     def list(self) -> list[str]:
         if not self.root.is_dir():
             return []
@@ -126,27 +123,23 @@ class S3Store:
         self.bucket, self.prefix = bucket, prefix.strip("/")
         self.retry = retry or Retry()
         self.url = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
-        self._clients: dict[tuple[int, str], object] = {}
+        self._clients: dict[int, object] = {}
 
     @property
     def _client(self):
-        return self._client_for("write")
+        """One boto3 client per process (clients do not survive fork).
 
-    def _client_for(self, use: str):
-        """A boto3 client per process (clients do not survive fork) and use.
-
-        botocore retries once; `_call` and `S3Reader` (which resumes
-        from the byte it reached) retry with `Retry`'s longer backoff.
+        botocore retries once; `_call` and `S3Reader` (which resumes from
+        the byte it reached) retry with `Retry`'s longer backoff.
         """
-        key = (os.getpid(), use)
-        if key not in self._clients:
+        if os.getpid() not in self._clients:
             import boto3
             from botocore.config import Config
 
-            self._clients[key] = boto3.client("s3", config=Config(
-                retries={"max_attempts": 2, "mode": "standard"}, connect_timeout=5 if use == "read" else 10, read_timeout=60,
+            self._clients[os.getpid()] = boto3.client("s3", config=Config(
+                retries={"max_attempts": 2, "mode": "standard"}, connect_timeout=10, read_timeout=60,
                 max_pool_connections=16))
-        return self._clients[key]
+        return self._clients[os.getpid()]
 
     def _key(self, name: str) -> str:
         return f"{self.prefix}/{name}" if self.prefix else name
@@ -197,8 +190,8 @@ class S3Store:
 
     def open_reader(self, name: str, retry: Retry | None = None, start: int = 0,
                     end: int | None = None) -> "S3Reader":
-        return S3Reader(self._client_for("read"), self.bucket, self._key(name), f"{self.url}/{name}",
-                        start, end, retry or Retry())
+        return S3Reader(self._client, self.bucket, self._key(name), f"{self.url}/{name}",
+                        start, end, retry or self.retry)
 
     def read_range(self, name: str, start: int, end: int, retry: Retry | None = None) -> bytes:
         """Bytes [start, end) of an object, resuming a broken transfer from the byte it reached."""

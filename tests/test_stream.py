@@ -172,6 +172,17 @@ def test_corrupt_png_and_truncated_shard_are_skipped_and_counted(tmp_path):
     assert sum(v for _, v in rows) == 60 - bad
 
 
+def test_a_piece_with_nothing_readable_is_filled_from_later_pieces(tmp_path):
+    url = make_split(tmp_path, str(tmp_path / "out"), per_shard=10) + "/train"
+    first = Split.load(url).shards[0]
+    Path(url, first.name).write_bytes(b"")  # a shard emptied: its pieces have no readable sample
+    stream = ShardStream(url, 5, piece_samples=5, seed=2, workers=2)
+    batches = epoch(stream)
+    assert len(batches) == 12 and all(b.valid.all() and len(b) == 5 for b in batches)
+    assert stream.skipped == 10 == sum(b.skipped for b in batches)
+    assert not any(k.startswith(first.name) for b in batches for k in b.keys)
+
+
 def test_stock_webdataset_reads_s3_shards_through_our_opener(tmp_path, bucket):
     import webdataset as wds
 
