@@ -50,6 +50,7 @@ from data_prep.storage import Retry, StorageError, open_store
 
 _DECODED_PIECE_BYTES = 256 << 20  # default piece: about this much decoded pixel data
 _MAX_PIECE_SAMPLES = 4096
+_HANDOFF_BYTES, _HANDOFF_BATCHES = 2 << 20, 64  # batches a worker hands over at once (one pipe message)
 
 
 class StreamError(ValueError):
@@ -300,7 +301,8 @@ class _PieceReader(torch.utils.data.IterableDataset):
         self.plan, self.epoch, self.start_batch, self.retry = plan, epoch, start_batch, retry
         self._store = None
 
-    def __iter__(self) -> Iterator[tuple]:
+    def __iter__(self) -> Iterator[list[tuple]]:
+        """Lists of consecutive batches: a worker hands over up to _HANDOFF_BYTES at a time."""
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         pieces = self.plan.pieces(self.epoch)
@@ -308,10 +310,19 @@ class _PieceReader(torch.utils.data.IterableDataset):
                 if p.index % workers == worker and p.first_batch + p.num_batches > self.start_batch]
         with ThreadPoolExecutor(max_workers=1) as fetcher:  # fetch piece k + 1 while k is decoded
             ahead = fetcher.submit(self._read, mine[0]) if mine else None
+            group, group_bytes = [], 0
             for k, piece in enumerate(mine):
                 samples = ahead.result()
                 ahead = fetcher.submit(self._read, mine[k + 1]) if k + 1 < len(mine) else None
-                yield from self._batches(piece, samples, pieces)
+                for raw in self._batches(piece, samples, pieces):
+                    group.append(raw)
+                    group_bytes += raw[1].nbytes
+                    if group_bytes >= _HANDOFF_BYTES or len(group) == _HANDOFF_BATCHES:
+                        yield group
+                        group, group_bytes = [], 0
+                if group:  # never hold batches across a piece boundary
+                    yield group
+                    group, group_bytes = [], 0
 
     @property
     def store(self):
@@ -451,8 +462,8 @@ class ShardStream:
                 reader, batch_size=None, num_workers=self.workers, collate_fn=_identity,
                 prefetch_factor=self.prefetch, multiprocessing_context="fork"))
         waiting: dict[int, tuple] = {}  # batches that came early from another worker
-        for raw in source:
-            waiting[raw[0]] = raw
+        for group in source:
+            waiting.update((raw[0], raw) for raw in group)
             while self.batch in waiting:
                 number, images, keys, labels, valid, skipped = waiting.pop(self.batch)
                 images = np.require(images, requirements="W")  # PIL's read-only array (no workers): copy
