@@ -125,7 +125,9 @@ def _plan_batches(src: Path, size: int) -> dict[str, SplitPlan]:
         k = int(np.searchsorted(starts, i, side="right") - 1)
         images, labels = batch(k)
         j = i - starts[k]
-        return images[j], int(labels[j]), {"source": f"imagenet{size}", "file": files[k].name, "index": int(i)}, None
+        # a copy, not a view: a view held (the valid cache) would keep its whole batch file in memory
+        return images[j].copy(), int(labels[j]), {"source": f"imagenet{size}", "file": files[k].name,
+                                                  "index": int(i)}, None
 
     valid_rows = sorted(valid)  # read once, in file order, then served in permutation order
     cache = {i: row(i) for i in valid_rows}

@@ -87,3 +87,14 @@ def test_wrong_resolution_or_layout_is_refused(pickled, tmp_path):
         prep("imagenet64", src, str(tmp_path), progress=False)
     with pytest.raises(SourceError, match="not downsampled ImageNet 32x32"):
         prep("imagenet32", tmp_path, str(tmp_path / "o"), progress=False)
+
+
+def test_pickled_plan_holds_no_view_into_a_batch_file(pickled):
+    """The valid images are read ahead; views would pin every training batch file in memory."""
+    from data_prep.imagenet import plan
+
+    src, images, _ = pickled
+    plans = plan(src, 32)
+    for split in ("train", "valid"):
+        image = plans[split].get(3)[0]
+        assert image.base is None and image.nbytes == 32 * 32 * 3

@@ -42,10 +42,29 @@ def epoch(stream: ShardStream) -> list[Batch]:
     return list(stream)
 
 
-@pytest.fixture(scope="module")
-def local_split(tmp_path_factory):
+_buckets = iter(range(10**6))
+
+
+@pytest.fixture(params=["local", "s3"])
+def out_root(request, tmp_path):
+    """Where a test's split goes: a local folder, or a fresh bucket on the session's SeaweedFS."""
+    if request.param == "local":
+        return str(tmp_path / "out")
+    server = request.getfixturevalue("s3_server")
+    name = f"stream-{next(_buckets)}-{request.node.name[:20].lower().replace('_', '-').strip('-[')}"
+    server["client"].create_bucket(Bucket=name)
+    return f"s3://{name}/ds"
+
+
+@pytest.fixture(scope="module", params=["local", "s3"])
+def local_split(request, tmp_path_factory):
+    """One split for several tests, in a local folder and on the session's SeaweedFS."""
     tmp = tmp_path_factory.mktemp("split")
-    return make_split(tmp, str(tmp / "out"))
+    if request.param == "local":
+        return make_split(tmp, str(tmp / "out"))
+    server = request.getfixturevalue("s3_server")
+    server["client"].create_bucket(Bucket="stream-shared")
+    return make_split(tmp, "s3://stream-shared/ds")
 
 
 def test_manifest_errors(tmp_path, local_split):
@@ -60,9 +79,9 @@ def test_manifest_errors(tmp_path, local_split):
 
 
 @pytest.mark.parametrize("per_shard", [7, 60, 200])
-def test_every_rank_yields_the_same_number_of_batches(tmp_path, per_shard):
+def test_every_rank_yields_the_same_number_of_batches(tmp_path, out_root, per_shard):
     """Shards of 7 and one shard of 60: fewer shards than readers (3 ranks x 2 workers) included."""
-    url = make_split(tmp_path, str(tmp_path / "out"), per_shard=per_shard) + "/train"
+    url = make_split(tmp_path, out_root, per_shard=per_shard) + "/train"
     for world, workers, batch in [(1, 0, 4), (2, 2, 4), (3, 2, 5), (4, 3, 3)]:
         per_rank = [epoch(ShardStream(url, batch, rank=r, world=world, workers=workers, piece_samples=batch * 2))
                     for r in range(world)]
@@ -156,8 +175,15 @@ def _corrupt(tmp_path) -> tuple[str, str, int]:
     return url, bad_key, 1 + 4
 
 
-def test_corrupt_png_and_truncated_shard_are_skipped_and_counted(tmp_path):
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_corrupt_png_and_truncated_shard_are_skipped_and_counted(tmp_path, where, request):
     url, bad_key, bad = _corrupt(tmp_path)
+    if where == "s3":  # the same damaged split, served by SeaweedFS
+        client = request.getfixturevalue("s3_server")["client"]
+        client.create_bucket(Bucket="stream-damaged")
+        for path in Path(url).iterdir():
+            client.upload_file(str(path), "stream-damaged", f"ds/train/{path.name}")
+        url = "s3://stream-damaged/ds/train"
     for world in (1, 2):
         streams = [ShardStream(url, 5, rank=r, world=world, workers=2, seed=1) for r in range(world)]
         per_rank = [epoch(s) for s in streams]
