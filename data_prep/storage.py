@@ -194,7 +194,8 @@ class S3Store:
                         start, end, retry or self.retry)
 
     def read_range(self, name: str, start: int, end: int, retry: Retry | None = None) -> bytes:
-        """Bytes [start, end) of an object, resuming a broken transfer from the byte it reached."""
+        """Bytes [start, end) of an object, resuming a broken transfer from the byte it reached;
+        fewer if the object is shorter (a truncated shard), as for a local file."""
         with self.open_reader(name, retry, start, end) as reader:
             return reader.read()
 
@@ -283,8 +284,9 @@ class S3Reader(io.RawIOBase):
                 return len(chunk)
             except ClientError as err:
                 code = str(err.response.get("Error", {}).get("Code", ""))
-                if code in ("InvalidRange", "416") and self._pos == 0:
-                    self._end = 0  # an empty object
+                if code in ("InvalidRange", "416"):  # the object ends before this position (truncated)
+                    self._close_body()
+                    self._end = self._pos
                     return 0
                 if code in _PERMANENT:
                     self._close_body()
