@@ -105,7 +105,7 @@ def test_same_seed_same_batches_other_seed_or_epoch_other_order(local_split):
     assert torch.equal(b0.images, b1.images) and b0.keys == b1.keys
 
 
-@pytest.mark.parametrize("workers_after", [0, 1, 3])
+@pytest.mark.parametrize("workers_after", [0, 1, 2, 3])
 def test_resume_is_exact(local_split, workers_after):
     url = local_split + "/train"
     reference = ShardStream(url, 4, seed=7, workers=2, piece_samples=8)
