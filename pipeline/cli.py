@@ -62,6 +62,23 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(Path(args.out), steps=args.steps)
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    import json
+
+    from .config import RunConfig, check_data
+
+    config = RunConfig.from_preset(args.preset, args.data, args.run_dir, args.overrides)
+    counts = check_data(config)
+    if not args.dry_run:
+        raise SystemExit("error: this version resolves and checks the run (--dry-run) but does not train yet")
+    print(f"# run config ({config.preset}; overrides: {' '.join(config.overrides) or 'none'})")
+    print(config.to_json())
+    print(f"# data: {', '.join(f'{k} {v:,} samples' for k, v in counts.items())}")
+    print(f"# DeepSpeed JSON for {args.world_size} rank(s)")
+    print(json.dumps(config.deepspeed_config(args.world_size, on_gpu=args.gpu), indent=1, sort_keys=True))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vdvae",
@@ -115,6 +132,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true",
                    help="stop at the first bad image instead of listing it in the manifest's rejections")
     p.set_defaults(func=_cmd_prep)
+
+    p = sub.add_parser(
+        "train", help="train a preset with DeepSpeed ZeRO from prepared shards (--dry-run for now)",
+        description="Resolve the run config (the preset's numbers, then key=value overrides), check "
+                    "the data against the preset, and print the config and the DeepSpeed JSON "
+                    "(--dry-run). Settings: batch_per_gpu, lr, grad_clip, skip_threshold, ema_rate, "
+                    "weight_decay, adam_beta1, adam_beta2, warmup_iters, grad_accum, zero_stage, "
+                    "precision (fp32|bf16|fp16), activation_checkpointing (none|all|RES), seed, workers, "
+                    "max_steps, log_every, checkpoint_every, keep_checkpoints, eval_every, sample_every, "
+                    "checkpoint_mirror, deepspeed_json.")
+    p.add_argument("--preset", required=True, help="cifar10, imagenet32, imagenet64, ffhq256 or ffhq1024")
+    p.add_argument("--data", required=True, help="the prepared dataset (`vdvae prep --out`): s3://... or a folder")
+    p.add_argument("--run-dir", required=True, help="the run folder (config, checkpoints, tensorboard/)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="settings that differ from the preset")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and DeepSpeed JSON, then stop")
+    p.add_argument("--world-size", type=int, default=1, help="ranks to size the DeepSpeed JSON for (dry run)")
+    p.add_argument("--gpu", action="store_true", help="size the DeepSpeed JSON for GPUs (dry run)")
+    p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser(
         "demo", help="a short look at the model on real photographs (no cluster needed)",
