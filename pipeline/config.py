@@ -100,6 +100,8 @@ class RunConfig:
             (self.grad_accum >= 1, "grad_accum must be >= 1"),
             (self.zero_stage in (0, 1, 2, 3), "zero_stage must be 0, 1, 2 or 3"),
             (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}"),
+            (self.zero_stage > 0 or self.precision == "fp32", "bf16 and fp16 need zero_stage 1, 2 or 3 "
+                                                             "(stage 0 supports fp32 only)"),
             (self.activation_checkpointing in ("none", "all") or self.activation_checkpointing.isdigit(),
              "activation_checkpointing must be none, all, or a resolution such as 256"),
             (self.workers >= 0, "workers must be >= 0"),
@@ -117,13 +119,14 @@ class RunConfig:
             raise ConfigError("invalid run config: " + "; ".join(problems))
 
     def deepspeed_config(self, world_size: int, on_gpu: bool) -> dict:
-        """The DeepSpeed JSON. Clipping and the lr schedule are the trainer's (the paper's update rule
-        skips steps yet advances the schedule), so they are absent here."""
+        """The DeepSpeed JSON. The lr schedule is the trainer's (the paper's update rule skips steps
+        yet advances the schedule), so it is absent here."""
         ds = {
             "train_micro_batch_size_per_gpu": self.batch_per_gpu,
             "gradient_accumulation_steps": self.grad_accum,
             "train_batch_size": self.batch_per_gpu * self.grad_accum * world_size,
-            "gradient_clipping": 0.0,
+            # under ZeRO DeepSpeed clips (the same formula as clip_grad_norm_); at stage 0 the update rule does
+            "gradient_clipping": self.grad_clip if self.zero_stage > 0 else 0.0,
             "zero_optimization": {"stage": self.zero_stage},
             "optimizer": {"type": "AdamW", "params": {
                 "lr": self.lr, "betas": [self.adam_beta1, self.adam_beta2], "eps": 1e-8,

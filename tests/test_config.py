@@ -64,7 +64,11 @@ def test_deepspeed_json(tmp_path):
     assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"] and ds["wall_clock_breakdown"]
     assert ds["optimizer"]["params"] == {"lr": 1.5e-4, "betas": [0.9, 0.9], "eps": 1e-8, "weight_decay": 0.01,
                                          "torch_adam": True}
-    assert ds["gradient_clipping"] == 0.0 and "scheduler" not in ds  # the trainer's: it skips yet schedules
+    assert ds["gradient_clipping"] == 200 and "scheduler" not in ds  # the trainer's: it skips yet schedules
+    assert RunConfig.from_preset("imagenet32", "d", "r", ["zero_stage=0"]).deepspeed_config(1, False)[
+        "gradient_clipping"] == 0.0  # stage 0: the update rule clips
+    with pytest.raises(ConfigError, match="stage 0 supports fp32 only"):
+        RunConfig.from_preset("imagenet32", "d", "r", ["zero_stage=0", "precision=bf16"])
     with pytest.raises(ConfigError, match="does not exist"):
         RunConfig.from_preset("imagenet32", "d", "r", [f"deepspeed_json={tmp_path / 'nope.json'}"])
 
