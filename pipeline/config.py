@@ -57,6 +57,8 @@ class RunConfig:
     """Optional `s3://...` where checkpoints are mirrored and resumed from."""
     deepspeed_json: str = ""
     """Optional DeepSpeed JSON merged over the generated one."""
+    model_json: str = ""
+    """Optional JSON of model settings (`ModelConfig` fields) over the preset's: a custom architecture."""
     overrides: tuple[str, ...] = field(default=())
     """The `key=value` strings this config was made with, as given."""
 
@@ -115,8 +117,20 @@ class RunConfig:
         problems = [message for ok, message in checks if not ok]
         if self.deepspeed_json and not Path(self.deepspeed_json).is_file():
             problems.append(f"deepspeed_json {self.deepspeed_json} does not exist")
+        if self.model_json:
+            try:
+                self.model_config()
+            except (OSError, ValueError, TypeError) as err:
+                problems.append(f"model_json {self.model_json}: {err}")
         if problems:
             raise ConfigError("invalid run config: " + "; ".join(problems))
+
+    def model_config(self):
+        """The preset's model, with `model_json`'s settings over it."""
+        model = get_preset(self.preset).model
+        if not self.model_json:
+            return model
+        return replace(model, **json.loads(Path(self.model_json).read_text()))
 
     def deepspeed_config(self, world_size: int, on_gpu: bool) -> dict:
         """The DeepSpeed JSON. The lr schedule is the trainer's (the paper's update rule skips steps
@@ -187,13 +201,13 @@ def check_data(config: RunConfig) -> dict[str, int]:
     """
     from .stream import Split
 
-    model = get_preset(config.preset).model
+    model = config.model_config()
     counts = {}
     for split in ("train", "valid"):
         manifest = Split.load(f"{config.data.rstrip('/')}/{split}")
         if manifest.resolution != model.image_size:
             raise ConfigError(f"{manifest.url} holds {manifest.resolution} px images; preset {config.preset} "
-                              f"trains on {model.image_size} px")
+                              f"trains on {model.image_size} px (a custom model: model_json=FILE)")
         if manifest.bits != model.bits:
             raise ConfigError(f"{manifest.url} was prepared as {manifest.bits}-bit data ({manifest.dataset}); "
                               f"preset {config.preset} models {model.bits}-bit data")

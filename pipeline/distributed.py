@@ -1,0 +1,61 @@
+"""Start torch.distributed from whatever launched this process: Slurm, MPI, or deepspeed/torchrun.
+
+The one module that turns a launcher's environment into a process group.
+Ranks come from `environment.detect_ranks`; the rendezvous address from
+MASTER_ADDR/MASTER_PORT when set, else the first host of the Slurm job
+(`SLURM_JOB_NODELIST`, via `scontrol show hostnames`), else this host.
+NCCL on GPUs, gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import torch
+
+from .environment import Ranks, detect_ranks
+
+DEFAULT_PORT = 29500
+
+
+def _first_slurm_host() -> str | None:
+    nodes = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+    if not nodes:
+        return None
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True, timeout=30)
+        hosts = out.stdout.split()
+        return hosts[0] if out.returncode == 0 and hosts else None
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def local_rank(ranks: Ranks) -> int:
+    for name in ("LOCAL_RANK", "SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID"):
+        if os.environ.get(name, "") != "":
+            return int(os.environ[name])
+    return 0 if ranks.world == 1 else ranks.rank
+
+
+def init_distributed() -> Ranks:
+    """Set RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* from the launcher and start DeepSpeed's process group."""
+    import deepspeed
+
+    ranks = detect_ranks()
+    if ranks.launcher == "slurm-array":
+        raise RuntimeError("training runs as the tasks of one Slurm step (srun), not as array tasks")
+    os.environ["RANK"], os.environ["WORLD_SIZE"] = str(ranks.rank), str(ranks.world)
+    os.environ["LOCAL_RANK"] = str(local_rank(ranks))
+    if not os.environ.get("MASTER_ADDR"):
+        os.environ["MASTER_ADDR"] = _first_slurm_host() or "127.0.0.1"
+    if not os.environ.get("MASTER_PORT"):
+        job = os.environ.get("SLURM_JOB_ID", "")
+        os.environ["MASTER_PORT"] = str(DEFAULT_PORT + int(job) % 1000 if job.isdigit() else DEFAULT_PORT)
+    on_gpu = torch.cuda.is_available()
+    if on_gpu:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
+    else:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=False)
+    return ranks

@@ -1,0 +1,258 @@
+"""The training job: DeepSpeed engine, the paper's update rule, EMA, streaming data, logs, checkpoints.
+
+One process per GPU (or CPU rank), all running `train(config)`. Every
+`checkpoint_every` steps (and at `max_steps`) each rank writes its EMA
+shard, then DeepSpeed writes the engine state with the stream positions,
+RNG states and counters as client state, and `latest` last: a checkpoint
+cut short by a crash is never the one resumed from. A new start with the
+same run folder resumes from `latest`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import ConfigError, RunConfig, check_data
+from .stream import ShardStream
+from .update import EMA, UpdateRule
+
+
+def lr_at(config: RunConfig, step: int) -> float:
+    """The official schedule: `step / warmup_iters` up to warmup, then constant (step 0 has lr 0)."""
+    if config.warmup_iters == 0 or step > config.warmup_iters:
+        return config.lr
+    return config.lr * step / config.warmup_iters
+
+
+def _rss_gb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 2**20
+    return math.nan
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    def __init__(self, config: RunConfig):
+        import deepspeed
+        import torch.distributed as dist
+
+        from model import VDVAE
+
+        from .distributed import init_distributed
+
+        check_data(config)  # before any process group: a bad path or a wrong preset fails here
+        self.config = config
+        self.run_dir = Path(config.run_dir)
+        self.ranks = init_distributed()
+        self.rank, self.world = self.ranks.rank, self.ranks.world
+        self.dist = dist
+        self.device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
+        self._save_config()
+        torch.manual_seed(config.seed)  # the same initial weights on every rank
+        model = VDVAE(config.model_config())
+        model.set_activation_checkpointing(config.activation_checkpointing,
+                                           use_reentrant=config.zero_stage == 3)
+        ds = config.deepspeed_config(self.world, on_gpu=self.device.type == "cuda")
+        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
+        self.rule = UpdateRule(self.engine, config.grad_clip, config.skip_threshold)
+        self.ema = EMA(self.engine, config.ema_rate)
+        self.stream = ShardStream(f"{config.data.rstrip('/')}/train", config.batch_per_gpu, rank=self.rank,
+                                  world=self.world, seed=config.seed, workers=config.workers,
+                                  pin_memory=self.device.type == "cuda")
+        self.step = 0
+        self.counters = {"skipped_updates": 0, "nan_losses": 0}
+        torch.manual_seed(config.seed * 1000 + self.rank)  # each rank's own latent noise
+        self.writer = None
+        if self.rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+            self.writer.add_text("config", "```\n" + config.to_json() + "\n```", 0)
+        self._resume()
+
+    # -- run folder --------------------------------------------------------------------
+
+    def _save_config(self) -> None:
+        path = self.run_dir / "config.json"
+        if self.rank == 0:
+            if path.exists():
+                saved = RunConfig.from_json(path.read_text())
+                fixed = ("preset", "data", "model_json", "batch_per_gpu", "seed", "zero_stage")
+                changed = [k for k in fixed if getattr(saved, k) != getattr(self.config, k)]
+                if changed:
+                    raise ConfigError(f"{self.run_dir} holds a run with other {', '.join(changed)}; "
+                                      "use a new --run-dir, or the same settings to resume it")
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".json.tmp")
+            tmp.write_text(self.config.to_json() + "\n")
+            os.replace(tmp, path)
+        self.dist.barrier()
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def save_checkpoint(self) -> Path:
+        tag = f"global_step{self.step}"
+        folder = self.checkpoint_dir / tag
+        folder.mkdir(parents=True, exist_ok=True)
+        if self.ema.sharded or self.rank == 0:
+            tmp = folder / f".ema_rank{self.rank:05d}.pt.tmp"
+            torch.save(self.ema.state_dict(), tmp)
+            os.replace(tmp, folder / f"ema_rank{self.rank if self.ema.sharded else 0:05d}.pt")
+        streams, rngs = [None] * self.world, [None] * self.world
+        self.dist.all_gather_object(streams, self.stream.state_dict())
+        self.dist.all_gather_object(rngs, _rng_state())
+        client = {"step": self.step, "streams": streams, "rng": rngs, "counters": dict(self.counters),
+                  "config": self.config.to_json()}
+        # DeepSpeed's own `latest` is written by rank 0 before the other ranks are known to have
+        # finished, and not atomically: write it here, after a barrier, by rename.
+        self.engine.save_checkpoint(str(self.checkpoint_dir), tag=tag, client_state=client, save_latest=False)
+        self.dist.barrier()
+        if self.rank == 0:
+            tmp = self.checkpoint_dir / ".latest.tmp"
+            with open(tmp, "w") as f:
+                f.write(tag)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.checkpoint_dir / "latest")
+            self._prune()
+        self.dist.barrier()
+        return folder
+
+    def _prune(self) -> None:
+        latest = (self.checkpoint_dir / "latest").read_text().strip()
+        steps = sorted((int(p.name.removeprefix("global_step")), p) for p in self.checkpoint_dir.glob("global_step*")
+                       if p.name.removeprefix("global_step").isdigit())
+        for _, path in steps[:-self.config.keep_checkpoints]:
+            if path.name != latest:
+                shutil.rmtree(path, ignore_errors=True)
+
+    def _resume(self) -> None:
+        if not (self.checkpoint_dir / "latest").exists():
+            return
+        tag = (self.checkpoint_dir / "latest").read_text().strip()
+        path, client = self.engine.load_checkpoint(str(self.checkpoint_dir), tag=tag)
+        if path is None:
+            raise RuntimeError(f"{self.checkpoint_dir}/latest names {tag}, which cannot be loaded")
+        folder = self.checkpoint_dir / tag
+        shard = folder / f"ema_rank{self.rank if self.ema.sharded else 0:05d}.pt"
+        self.ema.load_state_dict(torch.load(shard, weights_only=False))
+        if len(client["streams"]) != self.world:
+            raise RuntimeError(f"checkpoint {tag} was written by {len(client['streams'])} ranks, this job has "
+                               f"{self.world}: resume with the same number of ranks")
+        self.stream.load_state_dict(client["streams"][self.rank])
+        _set_rng_state(client["rng"][self.rank])
+        self.step, self.counters = client["step"], dict(client["counters"])
+        if self.rank == 0:
+            print(f"resumed from {folder} at step {self.step}", flush=True)
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def _log(self, record: dict) -> None:
+        if self.rank != 0:
+            return
+        for key, value in record.items():
+            if key != "step":
+                self.writer.add_scalar(key, value, record["step"])
+        self.writer.flush()
+        with open(self.run_dir / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        print(f"step {record['step']}: elbo {record['train/elbo']:.4f} nats/dim ({record['train/bpd']:.4f} bpd), "
+              f"grad norm {record['train/grad_norm']:.3g}, skipped {record['train/skipped_updates']}, "
+              f"{record['train/images_per_s']:.1f} img/s", flush=True)
+
+    def run(self, max_steps: int | None = None) -> list[float]:
+        """Train until `max_steps` (default: the config's; 0 = until stopped); per-step mean losses."""
+        config, engine = self.config, self.engine
+        stop = max_steps if max_steps is not None else config.max_steps
+        losses: list[float] = []
+        window = {"loss": [], "distortion": [], "rate": [], "norm": [], "images": 0, "wait": 0.0, "start": time.time()}
+        batches = self.stream.forever()
+        while not stop or self.step < stop:
+            for group in engine.optimizer.param_groups:
+                group["lr"] = lr_at(config, self.step)
+            t0 = time.perf_counter()
+            batch = next(batches)
+            window["wait"] += time.perf_counter() - t0
+            terms = engine(batch.to(self.device).images)
+            engine.backward(terms.elbo)
+            stats = self.rule.step()
+            if stats is None:  # inside a gradient accumulation
+                continue
+            if not stats.skipped:
+                self.ema.update()
+            reduced = torch.tensor([float(terms.elbo), float(terms.distortion), float(terms.rate),
+                                    float(not math.isfinite(float(terms.elbo))), float(self.stream.skipped)])
+            self.dist.all_reduce(reduced)
+            mean = reduced[:3] / self.world
+            self.counters["skipped_updates"] += int(stats.skipped)
+            self.counters["nan_losses"] += int(reduced[3] > 0)
+            self.step += 1
+            losses.append(float(mean[0]))
+            window["loss"].append(float(mean[0]))
+            window["distortion"].append(float(mean[1]))
+            window["rate"].append(float(mean[2]))
+            window["norm"].append(stats.grad_norm)
+            window["images"] += len(batch) * self.world * config.grad_accum
+            if self.step % config.log_every == 0 or self.step == stop:
+                elapsed = time.time() - window["start"]
+                finite = [v for v in window["loss"] if math.isfinite(v)] or [math.nan]
+                self._log({
+                    "step": self.step,
+                    "train/elbo": float(np.mean(finite)),
+                    "train/bpd": float(np.mean(finite)) / math.log(2),
+                    "train/distortion": float(np.nanmean(window["distortion"])),
+                    "train/rate": float(np.nanmean(window["rate"])),
+                    "train/grad_norm": float(np.nanmean(window["norm"])) if any(map(math.isfinite, window["norm"]))
+                    else math.nan,
+                    "train/skipped_updates": self.counters["skipped_updates"],
+                    "train/nan_losses": self.counters["nan_losses"],
+                    "train/lr": lr_at(config, self.step - 1),
+                    "train/images_per_s": window["images"] / elapsed,
+                    "train/step_time_s": elapsed / len(window["loss"]),
+                    "train/data_wait_fraction": window["wait"] / elapsed,
+                    "train/memory_gb": (torch.cuda.max_memory_allocated() / 2**30 if self.device.type == "cuda"
+                                        else _rss_gb()),
+                    "train/skipped_samples": float(reduced[4]),
+                })
+                window = {"loss": [], "distortion": [], "rate": [], "norm": [], "images": 0, "wait": 0.0,
+                          "start": time.time()}
+            if self.step % config.checkpoint_every == 0 or self.step == stop:
+                self.save_checkpoint()
+        return losses
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def train(config: RunConfig) -> list[float]:
+    trainer = Trainer(config)
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()

@@ -1,0 +1,110 @@
+"""`vdvae train` on 2 real DeepSpeed ranks (gloo, CPU): the tiny model on a small prepared dataset."""
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import TINY
+from data_prep.prep import prep
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """64 photographs-like 8 px images (smooth gradients plus noise: learnable), prepared as shards."""
+    tmp = tmp_path_factory.mktemp("train-data")
+    rng = np.random.default_rng(0)
+    (tmp / "src").mkdir()
+    for i in range(72):
+        base = np.linspace(0, 1, 8)[None, :, None] * rng.uniform(60, 200, 3) + rng.uniform(0, 50, 3)
+        pixels = np.broadcast_to(base, (8, 8, 3)) + rng.normal(0, 4, (8, 8, 3))
+        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(tmp / "src" / f"{i:03d}.png")
+    prep("folder", tmp / "src", str(tmp / "data"), samples_per_shard=16, resolution=8, num_valid=8, progress=False)
+    model_json = tmp / "tiny.json"
+    model_json.write_text(json.dumps(asdict(TINY)))
+    return {"data": str(tmp / "data"), "model_json": str(model_json)}
+
+
+def launch(data, run_dir: Path, port: int, *settings: str, world: int = 2, wait: bool = True):
+    cmd = [sys.executable, "-m", "pipeline.cli", "train", "--preset", "cifar10", "--data", data["data"],
+           "--run-dir", str(run_dir), f"model_json={data['model_json']}", "batch_per_gpu=4", "lr=2e-3",
+           "warmup_iters=2", "workers=0", "log_every=1", *settings]
+    procs = []
+    for rank in range(world):
+        env = dict(os.environ, DS_ACCELERATOR="cpu", RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                   LOCAL_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
+                   PYTHONPATH=str(ROOT))
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      cwd=ROOT))
+    if not wait:
+        return procs
+    for proc in procs:
+        out, err = proc.communicate(timeout=900)
+        assert proc.returncode == 0, (out[-2000:], err[-4000:])
+    return procs
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """Step -> ELBO from the jsonl log (the last record of a step, if a resume repeated it)."""
+    records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train/elbo"] for r in records}
+
+
+def test_loss_falls_and_tensorboard_has_every_tag(data, tmp_path, free_port):
+    run = tmp_path / "run"
+    launch(data, run, free_port, "zero_stage=2", "max_steps=30", "checkpoint_every=100")
+    elbo = losses(run)
+    assert sorted(elbo) == list(range(1, 31))
+    first, last = np.mean([elbo[s] for s in range(1, 6)]), np.mean([elbo[s] for s in range(26, 31)])
+    assert last < first - 0.2, (first, last)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/elbo", "train/distortion", "train/rate", "train/bpd", "train/grad_norm",
+            "train/skipped_updates", "train/nan_losses", "train/lr", "train/images_per_s", "train/step_time_s",
+            "train/data_wait_fraction", "train/memory_gb", "train/skipped_samples"} <= tags
+    assert [e.step for e in events.Scalars("train/elbo")] == list(range(1, 31))
+    assert events.Scalars("train/elbo")[-1].value == pytest.approx(elbo[30], rel=1e-5)
+    assert "config/text_summary" in events.Tags()["tensors"]
+    assert json.loads((run / "config.json").read_text())["zero_stage"] == 2
+    assert (run / "checkpoints" / "latest").read_text() == "global_step30"
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_other_zero_stages_train(data, tmp_path, free_port, stage):
+    run = tmp_path / "run"
+    launch(data, run, free_port, f"zero_stage={stage}", "max_steps=4")
+    elbo = losses(run)
+    assert sorted(elbo) == [1, 2, 3, 4] and all(np.isfinite(list(elbo.values())))
+    assert (run / "checkpoints" / "global_step4").is_dir()
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_resume_gives_the_losses_of_an_uninterrupted_run(data, tmp_path, free_port, stage):
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    launch(data, whole, free_port, f"zero_stage={stage}", "max_steps=10", "checkpoint_every=100")
+    launch(data, cut, free_port, f"zero_stage={stage}", "max_steps=6", "checkpoint_every=100")
+    # a checkpoint cut short by a crash: a folder that `latest` does not name
+    (cut / "checkpoints" / "global_step8").mkdir()
+    (cut / "checkpoints" / "global_step8" / "mp_rank_00_model_states.pt").write_bytes(b"half")
+    launch(data, cut, free_port, f"zero_stage={stage}", "max_steps=10", "checkpoint_every=100")
+    assert losses(cut) == losses(whole)  # every step, exactly (fixed seeds, restored stream and RNG)
+    assert (cut / "checkpoints" / "latest").read_text() == "global_step10"
+
+
+def test_a_run_folder_refuses_other_settings(data, tmp_path, free_port):
+    run = tmp_path / "run"
+    launch(data, run, free_port, "zero_stage=2", "max_steps=1", world=1)
+    procs = launch(data, run, free_port, "zero_stage=3", "max_steps=2", world=1, wait=False)
+    out, err = procs[0].communicate(timeout=300)
+    assert procs[0].returncode == 2 and "holds a run with other zero_stage" in err
