@@ -74,8 +74,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         from .train import train
 
         reexec_with_fast_allocator()
-        train(config)
-        return 0
+        return train(config)
     print(f"# run config ({config.preset}; overrides: {' '.join(config.overrides) or 'none'})")
     print(config.to_json())
     print(f"# data: {', '.join(f'{k} {v:,} samples' for k, v in counts.items())}")

@@ -15,6 +15,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -24,6 +25,18 @@ import torch
 from .config import ConfigError, RunConfig, check_data
 from .stream import ShardStream
 from .update import EMA, UpdateRule
+
+
+REQUEUE_EXIT_CODE = 85
+"""Exit status after a SIGUSR1/SIGTERM checkpoint: the batch script requeues the job on it."""
+
+
+class Preempted(Exception):
+    """Raised (on every rank together) after the checkpoint that a SIGUSR1/SIGTERM asked for."""
+
+    def __init__(self, step: int):
+        super().__init__(f"stopped by a signal; checkpoint at step {step}")
+        self.step = step
 
 
 def lr_at(config: RunConfig, step: int) -> float:
@@ -85,6 +98,9 @@ class Trainer:
         self.step = 0
         self.counters = {"skipped_updates": 0, "nan_losses": 0}
         torch.manual_seed(config.seed * 1000 + self.rank)  # each rank's own latent noise
+        self.signalled = False
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
         self.writer = None
         if self.rank == 0:
             from torch.utils.tensorboard import SummaryWriter
@@ -92,6 +108,9 @@ class Trainer:
             self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
             self.writer.add_text("config", "```\n" + config.to_json() + "\n```", 0)
         self._resume()
+
+    def _on_signal(self, signum, frame) -> None:
+        self.signalled = True  # acted on at the next step, by every rank together
 
     # -- run folder --------------------------------------------------------------------
 
@@ -206,7 +225,8 @@ class Trainer:
             if not stats.skipped:
                 self.ema.update()
             reduced = torch.tensor([float(terms.elbo), float(terms.distortion), float(terms.rate),
-                                    float(not math.isfinite(float(terms.elbo))), float(self.stream.skipped)])
+                                    float(not math.isfinite(float(terms.elbo))), float(self.stream.skipped),
+                                    float(self.signalled)])
             self.dist.all_reduce(reduced)
             mean = reduced[:3] / self.world
             self.counters["skipped_updates"] += int(stats.skipped)
@@ -241,8 +261,10 @@ class Trainer:
                 })
                 window = {"loss": [], "distortion": [], "rate": [], "norm": [], "images": 0, "wait": 0.0,
                           "start": time.time()}
-            if self.step % config.checkpoint_every == 0 or self.step == stop:
+            if self.step % config.checkpoint_every == 0 or self.step == stop or reduced[5] > 0:
                 self.save_checkpoint()
+            if reduced[5] > 0:  # any rank was signalled: all saved, all stop
+                raise Preempted(self.step)
         return losses
 
     def close(self) -> None:
@@ -250,9 +272,15 @@ class Trainer:
             self.writer.close()
 
 
-def train(config: RunConfig) -> list[float]:
+def train(config: RunConfig) -> int:
+    """Run the job; the process exit status: 0 when done, REQUEUE_EXIT_CODE after a signal's checkpoint."""
     trainer = Trainer(config)
     try:
-        return trainer.run()
+        trainer.run()
+        return 0
+    except Preempted as stop:
+        if trainer.rank == 0:
+            print(f"{stop}; exiting with {REQUEUE_EXIT_CODE} for the launcher to requeue", flush=True)
+        return REQUEUE_EXIT_CODE
     finally:
         trainer.close()

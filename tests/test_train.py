@@ -108,3 +108,25 @@ def test_a_run_folder_refuses_other_settings(data, tmp_path, free_port):
     procs = launch(data, run, free_port, "zero_stage=3", "max_steps=2", world=1, wait=False)
     out, err = procs[0].communicate(timeout=300)
     assert procs[0].returncode == 2 and "holds a run with other zero_stage" in err
+
+
+def test_sigusr1_on_one_rank_saves_and_exits_for_requeue_on_all(data, tmp_path, free_port):
+    import signal
+    import time
+
+    from pipeline.train import REQUEUE_EXIT_CODE
+
+    run = tmp_path / "run"
+    procs = launch(data, run, free_port, "zero_stage=2", "max_steps=100000", "checkpoint_every=100000", wait=False)
+    deadline = time.time() + 300
+    while time.time() < deadline and not ((run / "log.jsonl").exists() and
+                                          len((run / "log.jsonl").read_text().splitlines()) >= 3):
+        time.sleep(0.1)
+    procs[1].send_signal(signal.SIGUSR1)  # as Slurm's --signal=B:USR1 reaches one task first
+    codes = [p.wait(timeout=300) for p in procs]
+    assert codes == [REQUEUE_EXIT_CODE] * 2, [p.stderr.read()[-2000:] for p in procs]
+    last = max(losses(run))
+    assert (run / "checkpoints" / "latest").read_text() == f"global_step{last}"
+    # and the requeued job continues from there
+    launch(data, run, free_port, "zero_stage=2", f"max_steps={last + 2}", "checkpoint_every=100000")
+    assert max(losses(run)) == last + 2
