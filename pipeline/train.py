@@ -189,6 +189,30 @@ class Trainer:
         if self.rank == 0:
             print(f"resumed from {folder} at step {self.step}", flush=True)
 
+    # -- evaluation --------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self, split: str = "valid", use_ema: bool = True) -> dict:
+        """Mean per-image ELBO over every image of the split, each counted once across ranks."""
+        from contextlib import nullcontext
+
+        stream = ShardStream(f"{self.config.data.rstrip('/')}/{split}", self.config.batch_per_gpu, rank=self.rank,
+                             world=self.world, train=False, workers=self.config.workers)
+        totals = torch.zeros(3, dtype=torch.float64)  # sum of per-image ELBO, images, unreadable samples
+        devices = [torch.cuda.current_device()] if self.device.type == "cuda" else []
+        # its own random stream: evaluating must not change the training that follows
+        with torch.random.fork_rng(devices=devices), self.ema.swapped() if use_ema else nullcontext():
+            torch.manual_seed(self.config.seed + 1 + self.rank)
+            for batch in stream:
+                batch = batch.to(self.device)
+                per_image = self.engine(batch.images).per_image_elbo.double().cpu()
+                valid = batch.valid.cpu()
+                totals += torch.stack([(per_image * valid).sum(), valid.sum().double(),
+                                       torch.tensor(float(batch.skipped), dtype=torch.float64)])
+        self.dist.all_reduce(totals)
+        elbo = float(totals[0] / totals[1])
+        return {"elbo": elbo, "bpd": elbo / math.log(2), "images": int(totals[1]), "unreadable": int(totals[2])}
+
     # -- the loop ------------------------------------------------------------------------
 
     def _log(self, record: dict) -> None:
@@ -200,9 +224,13 @@ class Trainer:
         self.writer.flush()
         with open(self.run_dir / "log.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
-        print(f"step {record['step']}: elbo {record['train/elbo']:.4f} nats/dim ({record['train/bpd']:.4f} bpd), "
-              f"grad norm {record['train/grad_norm']:.3g}, skipped {record['train/skipped_updates']}, "
-              f"{record['train/images_per_s']:.1f} img/s", flush=True)
+        if "eval/elbo" in record:
+            print(f"step {record['step']}: eval elbo {record['eval/elbo']:.4f} nats/dim ({record['eval/bpd']:.4f} "
+                  f"bpd) on {record['eval/images']} images (EMA weights)", flush=True)
+        else:
+            print(f"step {record['step']}: elbo {record['train/elbo']:.4f} nats/dim ({record['train/bpd']:.4f} bpd), "
+                  f"grad norm {record['train/grad_norm']:.3g}, skipped {record['train/skipped_updates']}, "
+                  f"{record['train/images_per_s']:.1f} img/s", flush=True)
 
     def run(self, max_steps: int | None = None) -> list[float]:
         """Train until `max_steps` (default: the config's; 0 = until stopped); per-step mean losses."""
@@ -261,6 +289,11 @@ class Trainer:
                 })
                 window = {"loss": [], "distortion": [], "rate": [], "norm": [], "images": 0, "wait": 0.0,
                           "start": time.time()}
+            if self.step % config.eval_every == 0 or self.step == stop:
+                result = self.evaluate()
+                if self.rank == 0:
+                    self._log({"step": self.step, "eval/elbo": result["elbo"], "eval/bpd": result["bpd"],
+                               "eval/images": result["images"]})
             if self.step % config.checkpoint_every == 0 or self.step == stop or reduced[5] > 0:
                 self.save_checkpoint()
             if reduced[5] > 0:  # any rank was signalled: all saved, all stop

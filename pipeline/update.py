@@ -18,6 +18,7 @@ gradients are whole on every rank and the rule is applied directly.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -108,6 +109,27 @@ class EMA:
     def update(self) -> None:
         for shadow, p in zip(self.shadow, self.engine.module.parameters(), strict=True):
             shadow.mul_(self.rate).add_(self._source(p).float(), alpha=1 - self.rate)
+
+    def _target(self, p: torch.nn.Parameter) -> torch.Tensor:
+        """What the forward pass reads: this rank's partition under ZeRO-3, else the parameter."""
+        return p.ds_tensor if self.sharded else p.data
+
+    @contextmanager
+    def swapped(self):
+        """Run the model with the averaged weights inside the block (evaluation, sampling)."""
+        saved = []
+        with torch.no_grad():
+            for shadow, p in zip(self.shadow, self.engine.module.parameters(), strict=True):
+                target = self._target(p).view(-1)
+                n = shadow.numel()
+                saved.append(target[:n].clone())
+                target[:n].copy_(shadow.view(-1))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for backup, p in zip(saved, self.engine.module.parameters(), strict=True):
+                    self._target(p).view(-1)[:backup.numel()].copy_(backup)
 
     def state_dict(self) -> dict:
         return {"rate": self.rate, "sharded": self.sharded, "names": self.names, "shadow": self.shadow}

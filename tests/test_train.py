@@ -52,16 +52,23 @@ def launch(data, run_dir: Path, port: int, *settings: str, world: int = 2, wait:
     return procs
 
 
+def records(run_dir: Path, kind: str = "train") -> list[dict]:
+    return [r for r in map(json.loads, (run_dir / "log.jsonl").read_text().splitlines()) if f"{kind}/elbo" in r]
+
+
 def losses(run_dir: Path) -> dict[int, float]:
     """Step -> ELBO from the jsonl log (the last record of a step, if a resume repeated it)."""
-    records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
-    return {r["step"]: r["train/elbo"] for r in records}
+    return {r["step"]: r["train/elbo"] for r in records(run_dir)}
 
 
 def test_loss_falls_and_tensorboard_has_every_tag(data, tmp_path, free_port):
     run = tmp_path / "run"
-    launch(data, run, free_port, "zero_stage=2", "max_steps=30", "checkpoint_every=100")
+    launch(data, run, free_port, "zero_stage=2", "max_steps=30", "checkpoint_every=100", "eval_every=15",
+           "ema_rate=0.8")  # the preset's 0.9999 would barely move in 30 steps
     elbo = losses(run)
+    evals = records(run, "eval")
+    assert [e["step"] for e in evals] == [15, 30] and all(e["eval/images"] == 8 for e in evals)  # each once
+    assert evals[1]["eval/elbo"] < evals[0]["eval/elbo"]
     assert sorted(elbo) == list(range(1, 31))
     first, last = np.mean([elbo[s] for s in range(1, 6)]), np.mean([elbo[s] for s in range(26, 31)])
     assert last < first - 0.2, (first, last)
@@ -72,7 +79,7 @@ def test_loss_falls_and_tensorboard_has_every_tag(data, tmp_path, free_port):
     tags = set(events.Tags()["scalars"])
     assert {"train/elbo", "train/distortion", "train/rate", "train/bpd", "train/grad_norm",
             "train/skipped_updates", "train/nan_losses", "train/lr", "train/images_per_s", "train/step_time_s",
-            "train/data_wait_fraction", "train/memory_gb", "train/skipped_samples"} <= tags
+            "train/data_wait_fraction", "train/memory_gb", "train/skipped_samples", "eval/elbo", "eval/bpd"} <= tags
     assert [e.step for e in events.Scalars("train/elbo")] == list(range(1, 31))
     assert events.Scalars("train/elbo")[-1].value == pytest.approx(elbo[30], rel=1e-5)
     assert "config/text_summary" in events.Tags()["tensors"]
@@ -86,6 +93,8 @@ def test_other_zero_stages_train(data, tmp_path, free_port, stage):
     launch(data, run, free_port, f"zero_stage={stage}", "max_steps=4")
     elbo = losses(run)
     assert sorted(elbo) == [1, 2, 3, 4] and all(np.isfinite(list(elbo.values())))
+    (evaluation,) = records(run, "eval")  # with the EMA swapped in (sharded at stage 3), each image once
+    assert evaluation["eval/images"] == 8 and np.isfinite(evaluation["eval/elbo"])
     assert (run / "checkpoints" / "global_step4").is_dir()
 
 
