@@ -16,6 +16,7 @@ from pathlib import Path
 from model import get_preset
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+_BUCKET = 5_000_000  # elements per ZeRO communication bucket
 
 
 class ConfigError(ValueError):
@@ -150,8 +151,12 @@ class RunConfig:
             "steps_per_print": 10**9,
             "wall_clock_breakdown": False,
         }
+        if self.zero_stage > 0:
+            # DeepSpeed's default buckets (5e8 elements, 2 GB in fp32) are larger than these whole models
+            ds["zero_optimization"].update(reduce_bucket_size=_BUCKET, allgather_bucket_size=_BUCKET)
         if self.zero_stage == 3:
-            ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition every parameter
+            ds["zero_optimization"].update(stage3_param_persistence_threshold=0,  # partition every parameter
+                                           stage3_prefetch_bucket_size=_BUCKET)
         if self.deepspeed_json:
             ds = _merge(ds, json.loads(Path(self.deepspeed_json).read_text()))
         return ds

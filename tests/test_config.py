@@ -60,7 +60,9 @@ def test_deepspeed_json(tmp_path):
                                                         f"deepspeed_json={extra}"])
     ds = c.deepspeed_config(world_size=4, on_gpu=False)
     assert ds["train_batch_size"] == 8 * 2 * 4 and ds["train_micro_batch_size_per_gpu"] == 8
-    assert ds["zero_optimization"] == {"stage": 3, "stage3_param_persistence_threshold": 0, "overlap_comm": True}
+    assert ds["zero_optimization"] == {"stage": 3, "stage3_param_persistence_threshold": 0, "overlap_comm": True,
+                                       "reduce_bucket_size": 5_000_000, "allgather_bucket_size": 5_000_000,
+                                       "stage3_prefetch_bucket_size": 5_000_000}
     assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"] and ds["wall_clock_breakdown"]
     assert ds["optimizer"]["params"] == {"lr": 1.5e-4, "betas": [0.9, 0.9], "eps": 1e-8, "weight_decay": 0.01,
                                          "torch_adam": True}
