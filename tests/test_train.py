@@ -139,3 +139,12 @@ def test_sigusr1_on_one_rank_saves_and_exits_for_requeue_on_all(data, tmp_path, 
     # and the requeued job continues from there
     launch(data, run, free_port, "zero_stage=2", f"max_steps={last + 2}", "checkpoint_every=100000")
     assert max(losses(run)) == last + 2
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_activation_checkpointing_gives_the_same_losses(data, tmp_path, free_port, stage):
+    launch(data, tmp_path / "plain", free_port, f"zero_stage={stage}", "max_steps=4")
+    launch(data, tmp_path / "ckpt", free_port, f"zero_stage={stage}", "max_steps=4", "activation_checkpointing=all")
+    plain, ckpt = losses(tmp_path / "plain"), losses(tmp_path / "ckpt")
+    assert sorted(plain) == [1, 2, 3, 4]
+    assert ckpt == pytest.approx(plain, rel=1e-5)
