@@ -83,6 +83,86 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_model(source: str, preset: str | None, weights: str = "ema"):
+    """A VDVAE from a run folder (its latest checkpoint; EMA weights unless weights="model"), one of
+    our weights files, or an official *-model.th (needs --preset). Returns (model, preset)."""
+    from model import load_official
+
+    from .weights import load_weights
+
+    path = Path(source)
+    if path.is_dir():
+        from model import VDVAE
+
+        from .export import consolidate
+
+        config, tag, model_sd, ema_sd = consolidate(path)
+        model = VDVAE(config.model_config())
+        model.load_state_dict(ema_sd if weights == "ema" else model_sd)
+        print(f"{source}: {tag}, {weights} weights", file=sys.stderr)
+        return model, config.preset
+    if not path.is_file():
+        raise FileNotFoundError(f"{source}: not a run folder, weights file or official checkpoint")
+    try:
+        return load_weights(path)
+    except ValueError:
+        if preset is None:
+            raise ValueError(f"{source} is not one of our weights files; for an official checkpoint "
+                             "give its --preset") from None
+        return load_official(path, preset), preset
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .export import export
+
+    for path in export(args.run_dir, args.out, args.tag):
+        print(path)
+    return 0
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from model import get_preset
+
+    from .images import make_grid, save_png
+
+    model, preset = _load_model(args.source, args.preset, args.weights)
+    model.eval()
+    temperatures = [float(t) for t in args.temperatures.split(",")] if args.temperatures else \
+        list(get_preset(preset).training.sample_temperatures if preset else (1.0,))
+    generator = torch.Generator().manual_seed(args.seed)
+    with torch.no_grad():
+        rows = [model.sample(args.num, t, generator=generator) for t in temperatures]
+    save_png(make_grid(rows), args.out)
+    print(f"{len(rows)} rows of {args.num} samples at temperatures {temperatures} -> {args.out}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import math
+
+    import torch
+
+    from .stream import ShardStream
+
+    model, _ = _load_model(args.source, args.preset, args.weights)
+    model.eval()
+    stream = ShardStream(f"{args.data.rstrip('/')}/{args.split}", args.batch, train=False, workers=args.workers)
+    total, count, unreadable = 0.0, 0, 0
+    torch.manual_seed(args.seed)
+    with torch.no_grad():
+        for batch in stream:
+            per_image = model(batch.images).per_image_elbo.double()
+            total += float((per_image * batch.valid).sum())
+            count += int(batch.valid.sum())
+            unreadable += batch.skipped
+    elbo = total / count
+    print(f"{args.split}: {elbo / math.log(2):.4f} bits/dim ({elbo:.4f} nats/dim) on {count} images"
+          + (f", {unreadable} unreadable samples left out" if unreadable else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vdvae",
@@ -155,6 +235,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--world-size", type=int, default=1, help="ranks to size the DeepSpeed JSON for (dry run)")
     p.add_argument("--gpu", action="store_true", help="size the DeepSpeed JSON for GPUs (dry run)")
     p.set_defaults(func=_cmd_train)
+
+    source_help = ("a run folder (its latest checkpoint), one of our weights files (vdvae export, "
+                   "import-official), or an official *-model.th with --preset")
+    p = sub.add_parser("export", help="whole fp32 model and EMA weights from a run, loadable without DeepSpeed",
+                       description="Consolidate a run's checkpoint (ZeRO shards included) into model.pt and "
+                                   "model-ema.pt (our weights format) and <preset>-model.th / "
+                                   "<preset>-model-ema.th (the official key layout).")
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--out", required=True, help="folder for the four files")
+    p.add_argument("--tag", help="checkpoint tag (default: latest), e.g. global_step5000")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("sample", help="a PNG grid of samples, one row per temperature",
+                       description="Unconditional samples from " + source_help + ".")
+    p.add_argument("source", help=source_help)
+    p.add_argument("--out", required=True, help="the PNG file to write")
+    p.add_argument("--preset", help="the preset of an official checkpoint")
+    p.add_argument("--temperatures", help="comma-separated (default: the preset's, e.g. 1.0,0.9,0.8)")
+    p.add_argument("--num", type=int, default=8, help="samples per row (default 8)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--weights", choices=["ema", "model"], default="ema", help="of a run folder (default ema)")
+    p.set_defaults(func=_cmd_sample)
+
+    p = sub.add_parser("eval", help="bits/dim of a model on a prepared split, every image once",
+                       description="The test (or valid) bits/dim of " + source_help + ", on a split "
+                                   "prepared by `vdvae prep`, with the number of images evaluated.")
+    p.add_argument("source", help=source_help)
+    p.add_argument("--data", required=True, help="the prepared dataset (s3://... or a folder)")
+    p.add_argument("--split", default="test", help="default test (ffhq has valid only)")
+    p.add_argument("--preset", help="the preset of an official checkpoint")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--weights", choices=["ema", "model"], default="ema", help="of a run folder (default ema)")
+    p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser(
         "demo", help="a short look at the model on real photographs (no cluster needed)",

@@ -148,3 +148,39 @@ def test_activation_checkpointing_gives_the_same_losses(data, tmp_path, free_por
     plain, ckpt = losses(tmp_path / "plain"), losses(tmp_path / "ckpt")
     assert sorted(plain) == [1, 2, 3, 4]
     assert ckpt == pytest.approx(plain, rel=1e-5)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_export_then_sample_and_eval_without_deepspeed(data, tmp_path, free_port, stage):
+    import torch
+
+    from pipeline.export import consolidate
+    from pipeline.weights import load_weights
+
+    run = tmp_path / "run"
+    launch(data, run, free_port, f"zero_stage={stage}", "max_steps=3", "ema_rate=0")  # EMA = the weights
+    config, tag, model_sd, ema_sd = consolidate(run)
+    assert tag == "global_step3" and model_sd.keys() == ema_sd.keys()
+    assert all(torch.equal(model_sd[k], ema_sd[k]) for k in model_sd)  # the ZeRO-3 EMA shards join exactly
+    launch(data, run, free_port, f"zero_stage={stage}", "max_steps=6", "ema_rate=0.5")
+    _, _, model_sd, ema_sd = consolidate(run)
+    assert any(not torch.equal(model_sd[k], ema_sd[k]) for k in model_sd)
+    out = tmp_path / "export"
+    cli = [sys.executable, "-m", "pipeline.cli"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    subprocess.run([*cli, "export", "--run-dir", str(run), "--out", str(out)], check=True, env=env, cwd=ROOT)
+    assert {p.name for p in out.iterdir()} == {"model.pt", "model-ema.pt", "cifar10-model.th", "cifar10-model-ema.th"}
+    model, preset = load_weights(out / "model-ema.pt")
+    assert preset == "cifar10" and all(torch.equal(model.state_dict()[k], ema_sd[k]) for k in ema_sd)
+    official = torch.load(out / "cifar10-model-ema.th", weights_only=True)
+    assert "decoder.gain" in official  # the official key layout
+    sample = subprocess.run([*cli, "sample", str(out / "model-ema.pt"), "--out", str(tmp_path / "s.png"),
+                             "--temperatures", "1.0,0.5", "--num", "3"], capture_output=True, text=True, env=env,
+                            cwd=ROOT)
+    assert sample.returncode == 0, sample.stderr
+    assert Image.open(tmp_path / "s.png").size == (3 * 10 + 2, 2 * 10 + 2)
+    for source in (str(run), str(out / "model.pt")):
+        ev = subprocess.run([*cli, "eval", source, "--data", data["data"], "--split", "valid", "--batch", "3",
+                             "--workers", "0"], capture_output=True, text=True, env=env, cwd=ROOT)
+        assert ev.returncode == 0, ev.stderr
+        assert "on 8 images" in ev.stdout  # every valid image, once
