@@ -213,6 +213,35 @@ class Trainer:
         elbo = float(totals[0] / totals[1])
         return {"elbo": elbo, "bpd": elbo / math.log(2), "images": int(totals[1]), "unreadable": int(totals[2])}
 
+    @torch.no_grad()
+    def write_samples(self) -> None:
+        """Sample grids at the preset's temperatures and, for a few valid images, samples that keep
+        their first k latent groups (the official visualisation), with the EMA weights; to TensorBoard
+        and to RUN/samples/. Every rank takes part (ZeRO-3 gathers parameters); rank 0 writes."""
+        from model import get_preset
+
+        from .images import make_grid, save_png
+
+        model, paper = self.engine.module, get_preset(self.config.preset).training
+        res = model.config.image_size
+        n = 8 if res <= 64 else 4 if res <= 256 else 2
+        valid = ShardStream(f"{self.config.data.rstrip('/')}/valid", n, train=False)  # the same images on every rank
+        originals = next(iter(valid)).images.to(self.device)
+        groups = model.config.num_latent_groups
+        keep = sorted({int(k) for k in np.floor(np.linspace(0, 1, paper.num_variables_visualize + 2) * groups)[1:-1]})
+        devices = [torch.cuda.current_device()] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), self.ema.swapped():
+            torch.manual_seed(self.config.seed + 2)
+            samples = [model.sample(n, t) for t in paper.sample_temperatures]
+            latents = [originals] + [model.sample_from_latents(originals, k) for k in keep]
+        if self.rank != 0:
+            return
+        for name, rows in (("samples", samples), ("reconstructions", latents)):
+            grid = make_grid(rows)
+            self.writer.add_image(name, grid, self.step, dataformats="HWC")
+            save_png(grid, self.run_dir / "samples" / f"step{self.step:08d}-{name}.png")
+        self.writer.flush()
+
     # -- the loop ------------------------------------------------------------------------
 
     def _log(self, record: dict) -> None:
@@ -294,6 +323,8 @@ class Trainer:
                 if self.rank == 0:
                     self._log({"step": self.step, "eval/elbo": result["elbo"], "eval/bpd": result["bpd"],
                                "eval/images": result["images"]})
+            if self.step % config.sample_every == 0 or self.step == stop:
+                self.write_samples()
             if self.step % config.checkpoint_every == 0 or self.step == stop or reduced[5] > 0:
                 self.save_checkpoint()
             if reduced[5] > 0:  # any rank was signalled: all saved, all stop

@@ -83,6 +83,9 @@ def test_loss_falls_and_tensorboard_has_every_tag(data, tmp_path, free_port):
     assert [e.step for e in events.Scalars("train/elbo")] == list(range(1, 31))
     assert events.Scalars("train/elbo")[-1].value == pytest.approx(elbo[30], rel=1e-5)
     assert "config/text_summary" in events.Tags()["tensors"]
+    assert {"samples", "reconstructions"} <= set(events.Tags()["images"])
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step00000030-reconstructions.png",
+                                                                   "step00000030-samples.png"]
     assert json.loads((run / "config.json").read_text())["zero_stage"] == 2
     assert (run / "checkpoints" / "latest").read_text() == "global_step30"
 
