@@ -187,3 +187,54 @@ def test_export_then_sample_and_eval_without_deepspeed(data, tmp_path, free_port
                              "--workers", "0"], capture_output=True, text=True, env=env, cwd=ROOT)
         assert ev.returncode == 0, ev.stderr
         assert "on 8 images" in ev.stdout  # every valid image, once
+
+
+def test_kill_9_then_restart_gives_the_losses_of_an_uninterrupted_run(data, tmp_path, free_port):
+    import signal
+    import time
+
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    launch(data, whole, free_port, "zero_stage=2", "max_steps=9", "checkpoint_every=3")
+    procs = launch(data, killed, free_port, "zero_stage=2", "max_steps=100000", "checkpoint_every=3", wait=False)
+    deadline = time.time() + 300
+    while time.time() < deadline and not ((killed / "log.jsonl").exists() and
+                                          max(losses(killed), default=0) >= 5):
+        time.sleep(0.05)
+    for proc in procs:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert max(losses(killed)) < 9
+    launch(data, killed, free_port, "zero_stage=2", "max_steps=9", "checkpoint_every=3")
+    assert losses(killed) == losses(whole)  # replayed steps included: the last record of each step
+
+
+def test_started_by_mpirun(data, tmp_path, free_port):
+    """Ranks from Open MPI's environment (as under mpirun, or srun with PMI)."""
+    run = tmp_path / "run"
+    cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-n", "2", "-x", f"MASTER_PORT={free_port}",
+           "-x", "DS_ACCELERATOR=cpu", "-x", "OMP_NUM_THREADS=1", "-x", f"PYTHONPATH={ROOT}",
+           sys.executable, "-m", "pipeline.cli", "train", "--preset", "cifar10", "--data", data["data"],
+           "--run-dir", str(run), f"model_json={data['model_json']}", "batch_per_gpu=4", "workers=0",
+           "log_every=1", "max_steps=2", "zero_stage=2"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert sorted(losses(run)) == [1, 2]
+    assert len(torch_load_streams(run / "checkpoints" / "global_step2")) == 2  # two ranks saved positions
+
+
+def torch_load_streams(folder: Path) -> list:
+    import torch
+
+    states = torch.load(folder / "mp_rank_00_model_states.pt", weights_only=False)
+    return states["streams"]
+
+
+@pytest.mark.parametrize("settings", [("zero_stage=2", "grad_accum=2"), ("zero_stage=2", "precision=bf16"),
+                                      ("zero_stage=3", "precision=bf16")])
+def test_gradient_accumulation_and_bf16_train(data, tmp_path, free_port, settings):
+    run = tmp_path / "run"
+    launch(data, run, free_port, *settings, "max_steps=8")
+    elbo = losses(run)
+    assert sorted(elbo) == list(range(1, 9)) and all(np.isfinite(list(elbo.values())))
+    assert np.mean([elbo[s] for s in (7, 8)]) < np.mean([elbo[s] for s in (1, 2)])
