@@ -210,6 +210,33 @@ class S3Store:
             return names
         return sorted(self._call("LIST", "", pages))
 
+    def list_folders(self) -> list[str]:
+        """The names of the "folders" (common prefixes) directly under this store's prefix."""
+        prefix = f"{self.prefix}/" if self.prefix else ""
+
+        def pages() -> list[str]:
+            names = []
+            for page in self._client.get_paginator("list_objects_v2").paginate(
+                    Bucket=self.bucket, Prefix=prefix, Delimiter="/"):
+                names += [p["Prefix"][len(prefix):].rstrip("/") for p in page.get("CommonPrefixes", [])]
+            return names
+        return sorted(self._call("LIST", "", pages))
+
+    def delete(self, name: str) -> None:
+        self._call("DELETE", name, lambda: self._client.delete_object(Bucket=self.bucket, Key=self._key(name)))
+
+    def download(self, name: str, path: Path) -> None:
+        """Stream an object to a local file (through a temporary, renamed when complete)."""
+        path = Path(path)
+        tmp = path.parent / temporary_name(path.name)
+        try:
+            with self.open_reader(name) as reader, open(tmp, "wb") as f:
+                shutil.copyfileobj(reader, f, 1 << 22)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
     def scratch_dir(self) -> Path:
         """Local files on their way to S3: one folder, so that a rerun can clean up after a kill."""
         folder = Path(tempfile.gettempdir()) / "vdvae-prep"

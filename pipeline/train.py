@@ -159,8 +159,59 @@ class Trainer:
                 os.fsync(f.fileno())
             os.replace(tmp, self.checkpoint_dir / "latest")
             self._prune()
+            if self.config.checkpoint_mirror:
+                self._mirror_upload(tag)
         self.dist.barrier()
         return folder
+
+    # The S3 mirror: `<mirror>/<tag>/<files>`, then `<mirror>/latest` (the commit point).
+
+    def _mirror_upload(self, tag: str) -> None:
+        from data_prep.storage import open_store
+
+        mirror = self.config.checkpoint_mirror.rstrip("/")
+        folder = self.checkpoint_dir / tag
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            relative = path.relative_to(folder)
+            open_store(f"{mirror}/{tag}/{relative.parent}".rstrip("/.")).put_file(relative.name, path)
+        root = open_store(mirror)
+        root.write_bytes("latest", tag.encode())
+        tags = sorted((int(t.removeprefix("global_step")), t) for t in root.list_folders()
+                      if t.startswith("global_step") and t.removeprefix("global_step").isdigit())
+        for _, old in tags[:-self.config.keep_checkpoints]:
+            if old != tag:
+                self._mirror_delete(f"{mirror}/{old}")
+
+    def _mirror_delete(self, url: str) -> None:
+        from data_prep.storage import open_store
+
+        store = open_store(url)
+        for sub in store.list_folders():
+            self._mirror_delete(f"{url}/{sub}")
+        for name in store.list():
+            store.delete(name)
+
+    def _mirror_download(self) -> None:
+        from data_prep.storage import open_store
+
+        mirror = self.config.checkpoint_mirror.rstrip("/")
+        root = open_store(mirror)
+        if "latest" not in root.list():
+            return
+        tag = root.read_bytes("latest").decode().strip()
+
+        def fetch(url: str, folder: Path) -> None:
+            store = open_store(url)
+            folder.mkdir(parents=True, exist_ok=True)
+            for name in store.list():
+                store.download(name, folder / name)
+            for sub in store.list_folders():
+                fetch(f"{url}/{sub}", folder / sub)
+        fetch(f"{mirror}/{tag}", self.checkpoint_dir / tag)
+        tmp = self.checkpoint_dir / ".latest.tmp"
+        tmp.write_text(tag)
+        os.replace(tmp, self.checkpoint_dir / "latest")
+        print(f"fetched checkpoint {tag} from {mirror}", flush=True)
 
     def _prune(self) -> None:
         latest = (self.checkpoint_dir / "latest").read_text().strip()
@@ -171,6 +222,10 @@ class Trainer:
                 shutil.rmtree(path, ignore_errors=True)
 
     def _resume(self) -> None:
+        if self.config.checkpoint_mirror and not (self.checkpoint_dir / "latest").exists():
+            if self.rank == 0:  # a run folder lost with its node: continue from the mirror
+                self._mirror_download()
+            self.dist.barrier()
         if not (self.checkpoint_dir / "latest").exists():
             return
         tag = (self.checkpoint_dir / "latest").read_text().strip()

@@ -238,3 +238,21 @@ def test_gradient_accumulation_and_bf16_train(data, tmp_path, free_port, setting
     elbo = losses(run)
     assert sorted(elbo) == list(range(1, 9)) and all(np.isfinite(list(elbo.values())))
     assert np.mean([elbo[s] for s in (7, 8)]) < np.mean([elbo[s] for s in (1, 2)])
+
+
+def test_checkpoints_mirrored_to_s3_and_resumed_from_there(data, tmp_path, free_port, bucket, s3_server):
+    import shutil
+
+    whole, run = tmp_path / "whole", tmp_path / "run"
+    mirror = f"s3://{bucket}/runs/a"
+    launch(data, whole, free_port, "zero_stage=3", "max_steps=6", "checkpoint_every=100")
+    launch(data, run, free_port, "zero_stage=3", "max_steps=4", "checkpoint_every=2", "keep_checkpoints=1",
+           f"checkpoint_mirror={mirror}")
+    client = s3_server["client"]
+    keys = {o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="runs/a/")["Contents"]}
+    assert "runs/a/latest" in keys and any(k.startswith("runs/a/global_step4/ema_rank") for k in keys)
+    assert not any(k.startswith("runs/a/global_step2/") for k in keys)  # pruned to the last one
+    shutil.rmtree(run / "checkpoints")  # the node and its disk are gone
+    launch(data, run, free_port, "zero_stage=3", "max_steps=6", "checkpoint_every=100",
+           f"checkpoint_mirror={mirror}")
+    assert losses(run) == losses(whole)
