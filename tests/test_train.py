@@ -256,3 +256,23 @@ def test_checkpoints_mirrored_to_s3_and_resumed_from_there(data, tmp_path, free_
     launch(data, run, free_port, "zero_stage=3", "max_steps=6", "checkpoint_every=100",
            f"checkpoint_mirror={mirror}")
     assert losses(run) == losses(whole)
+
+
+def test_sample_from_an_official_checkpoint(tmp_path):
+    """`vdvae sample` on an official-layout *-model.th (here: a fresh cifar10 model saved that way)."""
+    import torch
+
+    from model import VDVAE, get_preset, official_state_dict
+
+    torch.manual_seed(0)
+    torch.save(official_state_dict(VDVAE(get_preset("cifar10").model)), tmp_path / "cifar10-model-ema.th")
+    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "sample", str(tmp_path / "cifar10-model-ema.th"),
+                          "--preset", "cifar10", "--out", str(tmp_path / "g.png"), "--num", "2",
+                          "--temperatures", "0.8"], capture_output=True, text=True, cwd=ROOT,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert Image.open(tmp_path / "g.png").size == (2 * 34 + 2, 34 + 2)
+    missing = subprocess.run([sys.executable, "-m", "pipeline.cli", "sample", str(tmp_path / "cifar10-model-ema.th"),
+                              "--out", str(tmp_path / "h.png")], capture_output=True, text=True, cwd=ROOT,
+                             env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert missing.returncode == 2 and "give its --preset" in missing.stderr
