@@ -1,10 +1,11 @@
 """Whole fp32 weights from a run's checkpoint, without DeepSpeed at load time: the model and its EMA.
 
 The model comes from DeepSpeed's own consolidation (`zero_to_fp32`) at
-ZeRO 1-3, or its model-states file at stage 0. The EMA under ZeRO-3 is one
-file per rank, each holding its partition of every parameter: rank r holds
-elements [r * ceil(n / world), (r + 1) * ceil(n / world)) of a parameter's
-flattened n values, so the partitions are joined in rank order and cut to n.
+ZeRO 1-3, or its model-states file at stage 0. The EMA at ZeRO 1-3 is one
+file per rank, each holding its piece of every parameter and where that
+piece starts in the parameter's flattened values (`EMA.starts`); the pieces
+are put in place (under ZeRO-3 rank r holds [r * ceil(n / world), ...),
+the last one padded beyond n).
 """
 
 from __future__ import annotations
@@ -48,13 +49,15 @@ def consolidate(run_dir: str | os.PathLike, tag: str | None = None) -> tuple[Run
     shards = [torch.load(p, map_location="cpu", weights_only=False) for p in sorted(folder.glob("ema_rank*.pt"))]
     if not shards:
         raise FileNotFoundError(f"{folder} holds no EMA (ema_rank*.pt)")
-    names = shards[0]["names"]
     ema = {}
-    for i, name in enumerate(names):
-        shape = model[name].shape
-        flat = torch.cat([s["shadow"][i].reshape(-1) for s in shards]) if shards[0]["sharded"] \
-            else shards[0]["shadow"][i].reshape(-1)
-        ema[name] = flat[: model[name].numel()].reshape(shape).clone()
+    for i, name in enumerate(shards[0]["names"]):
+        n = model[name].numel()
+        flat = torch.zeros(n)
+        for shard in shards:  # each rank's piece in place (a partition's padding falls beyond n)
+            piece, start = shard["shadow"][i].reshape(-1), shard["starts"][i]
+            k = max(0, min(piece.numel(), n - start))
+            flat[start:start + k] = piece[:k]
+        ema[name] = flat.reshape(model[name].shape)
     return config, tag, model, ema
 
 

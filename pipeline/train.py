@@ -77,6 +77,9 @@ class Trainer:
         from .distributed import init_distributed
 
         check_data(config)  # before any process group: a bad path or a wrong preset fails here
+        if config.precision == "fp16" and not torch.cuda.is_available():
+            raise ConfigError("precision=fp16 needs GPUs (DeepSpeed's CPU accelerator has no fp16); "
+                              "use bf16 or fp32")
         self.config = config
         self.run_dir = Path(config.run_dir)
         self.ranks = init_distributed()

@@ -153,19 +153,19 @@ def test_activation_checkpointing_gives_the_same_losses(data, tmp_path, free_por
     assert ckpt == pytest.approx(plain, rel=1e-5)
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_export_then_sample_and_eval_without_deepspeed(data, tmp_path, free_port, stage):
+@pytest.mark.parametrize("settings", [("zero_stage=2",), ("zero_stage=3",), ("zero_stage=2", "precision=bf16")])
+def test_export_then_sample_and_eval_without_deepspeed(data, tmp_path, free_port, settings):
     import torch
 
     from pipeline.export import consolidate
     from pipeline.weights import load_weights
 
     run = tmp_path / "run"
-    launch(data, run, free_port, f"zero_stage={stage}", "max_steps=3", "ema_rate=0")  # EMA = the weights
+    launch(data, run, free_port, *settings, "max_steps=3", "ema_rate=0")  # EMA = the fp32 master weights
     config, tag, model_sd, ema_sd = consolidate(run)
     assert tag == "global_step3" and model_sd.keys() == ema_sd.keys()
     assert all(torch.equal(model_sd[k], ema_sd[k]) for k in model_sd)  # the ZeRO-3 EMA shards join exactly
-    launch(data, run, free_port, f"zero_stage={stage}", "max_steps=6", "ema_rate=0.5")
+    launch(data, run, free_port, *settings, "max_steps=6", "ema_rate=0.5")
     _, _, model_sd, ema_sd = consolidate(run)
     assert any(not torch.equal(model_sd[k], ema_sd[k]) for k in model_sd)
     out = tmp_path / "export"
