@@ -82,6 +82,7 @@ class Trainer:
                               "use bf16 or fp32")
         self.config = config
         self.run_dir = Path(config.run_dir)
+        self._check_run_folder()  # on every rank, before the process group: all fail alike, none waits
         self.ranks = init_distributed()
         self.rank, self.world = self.ranks.rank, self.ranks.world
         self.dist = dist
@@ -117,16 +118,19 @@ class Trainer:
 
     # -- run folder --------------------------------------------------------------------
 
+    def _check_run_folder(self) -> None:
+        path = self.run_dir / "config.json"
+        if path.exists():
+            saved = RunConfig.from_json(path.read_text())
+            fixed = ("preset", "data", "model_json", "batch_per_gpu", "seed", "zero_stage")
+            changed = [k for k in fixed if getattr(saved, k) != getattr(self.config, k)]
+            if changed:
+                raise ConfigError(f"{self.run_dir} holds a run with other {', '.join(changed)}; "
+                                  "use a new --run-dir, or the same settings to resume it")
+
     def _save_config(self) -> None:
         path = self.run_dir / "config.json"
         if self.rank == 0:
-            if path.exists():
-                saved = RunConfig.from_json(path.read_text())
-                fixed = ("preset", "data", "model_json", "batch_per_gpu", "seed", "zero_stage")
-                changed = [k for k in fixed if getattr(saved, k) != getattr(self.config, k)]
-                if changed:
-                    raise ConfigError(f"{self.run_dir} holds a run with other {', '.join(changed)}; "
-                                      "use a new --run-dir, or the same settings to resume it")
             self.run_dir.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".json.tmp")
             tmp.write_text(self.config.to_json() + "\n")

@@ -116,10 +116,11 @@ def test_resume_gives_the_losses_of_an_uninterrupted_run(data, tmp_path, free_po
 
 def test_a_run_folder_refuses_other_settings(data, tmp_path, free_port):
     run = tmp_path / "run"
-    launch(data, run, free_port, "zero_stage=2", "max_steps=1", world=1)
-    procs = launch(data, run, free_port, "zero_stage=3", "max_steps=2", world=1, wait=False)
-    out, err = procs[0].communicate(timeout=300)
-    assert procs[0].returncode == 2 and "holds a run with other zero_stage" in err
+    launch(data, run, free_port, "zero_stage=2", "max_steps=1")
+    procs = launch(data, run, free_port, "zero_stage=3", "max_steps=2", wait=False)
+    for proc in procs:  # every rank refuses; none is left waiting for the others
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 2 and "holds a run with other zero_stage" in err
 
 
 def test_sigusr1_on_one_rank_saves_and_exits_for_requeue_on_all(data, tmp_path, free_port):
