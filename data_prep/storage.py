@@ -199,28 +199,25 @@ class S3Store:
         with self.open_reader(name, retry, start, end) as reader:
             return reader.read()
 
-    def list(self) -> list[str]:
+    def _listing(self) -> tuple[list[str], list[str]]:
+        """(object names, "folder" names) directly under this store's prefix."""
         prefix = f"{self.prefix}/" if self.prefix else ""
 
-        def pages() -> list[str]:
-            names = []
+        def pages() -> tuple[list[str], list[str]]:
+            names, folders = [], []
             for page in self._client.get_paginator("list_objects_v2").paginate(
                     Bucket=self.bucket, Prefix=prefix, Delimiter="/"):
                 names += [obj["Key"][len(prefix):] for obj in page.get("Contents", [])]
-            return names
-        return sorted(self._call("LIST", "", pages))
+                folders += [p["Prefix"][len(prefix):].rstrip("/") for p in page.get("CommonPrefixes", [])]
+            return names, folders
+        names, folders = self._call("LIST", "", pages)
+        return sorted(names), sorted(folders)
+
+    def list(self) -> list[str]:
+        return self._listing()[0]
 
     def list_folders(self) -> list[str]:
-        """The names of the "folders" (common prefixes) directly under this store's prefix."""
-        prefix = f"{self.prefix}/" if self.prefix else ""
-
-        def pages() -> list[str]:
-            names = []
-            for page in self._client.get_paginator("list_objects_v2").paginate(
-                    Bucket=self.bucket, Prefix=prefix, Delimiter="/"):
-                names += [p["Prefix"][len(prefix):].rstrip("/") for p in page.get("CommonPrefixes", [])]
-            return names
-        return sorted(self._call("LIST", "", pages))
+        return self._listing()[1]
 
     def delete(self, name: str) -> None:
         self._call("DELETE", name, lambda: self._client.delete_object(Bucket=self.bucket, Key=self._key(name)))
