@@ -9,6 +9,7 @@ NCCL on GPUs, gloo on CPU.
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 
@@ -57,5 +58,20 @@ def init_distributed() -> Ranks:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
     else:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        _without_shared_memory_op()
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=False)
     return ranks
+
+
+def _without_shared_memory_op() -> None:
+    """Keep DeepSpeed's CPU shared-memory all-reduce op from being built and started.
+
+    DeepSpeed's CPU backend JIT-compiles ``deepspeed_shm_comm`` on its first start (about 80 s on
+    2 cores) and maps a 69 MB ``/dev/shm`` buffer per rank and port that no exit removes. A compile
+    killed midway leaves the extension's lock file behind, and every later start then waits on it
+    forever. Training never uses the op: it serves only ``inference_all_reduce``; gradients and
+    parameters go through the process group (gloo).
+    """
+    # ``import deepspeed.comm.torch as m`` would bind the torch package that deepspeed.comm re-exports.
+    backend_module = importlib.import_module("deepspeed.comm.torch")
+    backend_module.build_shm_op = lambda: None

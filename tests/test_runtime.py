@@ -1,5 +1,6 @@
 """The fast allocator: tcmalloc preloaded by re-executing the process once."""
 
+import os
 import subprocess
 import sys
 
@@ -32,3 +33,15 @@ def test_reexec_preloads_tcmalloc_once(tmp_path):
     out = subprocess.run([sys.executable, str(script), "arg"], capture_output=True, text=True,
                          env=env, check=True)
     assert out.stdout.splitlines() == ["run - False ['arg']", "run tcmalloc True ['arg']"]
+
+
+def test_cpu_start_builds_no_op_and_leaves_nothing_in_dev_shm(tmp_path):
+    """DeepSpeed's CPU shared-memory op is kept out: no JIT build, no /dev/shm buffer left behind."""
+    port = "29931"
+    env = dict(os.environ, RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+               TORCH_EXTENSIONS_DIR=str(tmp_path / "extensions"))
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    subprocess.run([sys.executable, "-c", "from pipeline.distributed import init_distributed; init_distributed()"],
+                   env=env, check=True, capture_output=True, timeout=120)
+    assert not (tmp_path / "extensions").exists()
+    assert not [name for name in os.listdir("/dev/shm") if f"_{port}_" in name]
