@@ -217,16 +217,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop at the first bad image instead of listing it in the manifest's rejections")
     p.set_defaults(func=_cmd_prep)
 
+    from .config import SETTINGS
+
     p = sub.add_parser(
         "train", help="train a preset with DeepSpeed ZeRO from prepared shards",
         description="Resolve the run config (the preset's numbers, then key=value overrides), check "
                     "the data against the preset, then train (one process per GPU or CPU rank, started "
                     "by srun, mpirun, torchrun or deepspeed), resuming from the run folder's latest "
-                    "checkpoint; --dry-run prints the config and the DeepSpeed JSON instead. Settings: batch_per_gpu, lr, grad_clip, skip_threshold, ema_rate, "
-                    "weight_decay, adam_beta1, adam_beta2, warmup_iters, grad_accum, zero_stage, "
-                    "precision (fp32|bf16|fp16), activation_checkpointing (none|all|RES), seed, workers, "
-                    "max_steps, log_every, checkpoint_every, keep_checkpoints, eval_every, sample_every, "
-                    "checkpoint_mirror, deepspeed_json, model_json.")
+                    "checkpoint; --dry-run prints the config and the DeepSpeed JSON instead. "
+                    f"Settings: {', '.join(SETTINGS)}.")
     p.add_argument("--preset", required=True, help="cifar10, imagenet32, imagenet64, ffhq256 or ffhq1024")
     p.add_argument("--data", required=True, help="the prepared dataset (`vdvae prep --out`): s3://... or a folder")
     p.add_argument("--run-dir", required=True, help="the run folder (config, checkpoints, tensorboard/)")

@@ -13,8 +13,6 @@ import typing
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-from model import get_preset
-
 PRECISIONS = ("fp32", "bf16", "fp16")
 _BUCKET = 5_000_000  # elements per ZeRO communication bucket
 
@@ -65,6 +63,8 @@ class RunConfig:
 
     @classmethod
     def from_preset(cls, preset: str, data: str, run_dir: str, overrides: list[str] | tuple[str, ...] = ()) -> "RunConfig":
+        from model import get_preset  # (torch: only when a config is made, not for `vdvae --help`)
+
         p = get_preset(preset).training
         config = cls(preset, data, run_dir, batch_per_gpu=p.batch_per_gpu, lr=p.lr, grad_clip=p.grad_clip,
                      skip_threshold=p.skip_threshold, ema_rate=p.ema_rate, weight_decay=p.weight_decay,
@@ -73,7 +73,7 @@ class RunConfig:
 
     def override(self, overrides) -> "RunConfig":
         types = typing.get_type_hints(RunConfig)
-        settable = {f.name for f in fields(self)} - {"preset", "data", "run_dir", "overrides"}
+        settable = set(SETTINGS)
         changes = {}
         for item in overrides:
             key, sep, value = item.partition("=")
@@ -128,6 +128,8 @@ class RunConfig:
 
     def model_config(self):
         """The preset's model, with `model_json`'s settings over it."""
+        from model import get_preset
+
         model = get_preset(self.preset).model
         if not self.model_json:
             return model
@@ -174,6 +176,10 @@ class RunConfig:
         config = cls(**data)
         config.validate()
         return config
+
+
+SETTINGS = tuple(f.name for f in fields(RunConfig) if f.name not in ("preset", "data", "run_dir", "overrides"))
+"""What `key=value` may set."""
 
 
 def _parse(key: str, value: str, kind) -> object:
