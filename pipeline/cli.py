@@ -46,6 +46,10 @@ def _cmd_prep(args: argparse.Namespace) -> int:
     from .environment import detect_ranks
 
     ranks = detect_ranks()
+    if ranks.launcher in ("slurm", "env") and ranks.world > 1 and not args.finalize:
+        raise ValueError(f"{ranks.world} prep tasks without MPI cannot meet before the manifest is written: "
+                         "start the ranks with mpirun (or srun --mpi=pmix), or run an array job and then "
+                         "--finalize (vdvae submit prep does either)")
     prep(args.dataset, args.src, args.out, samples_per_shard=args.samples_per_shard,
          workers=args.workers, overwrite=args.overwrite, strict=args.strict,
          resolution=args.resolution, num_valid=args.num_valid, ranks=ranks,
@@ -163,6 +167,95 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _resources(args: argparse.Namespace, default_name: str):
+    from launch.submit import Resources
+
+    return Resources(job_name=args.job_name or default_name, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                     tasks_per_node=args.tasks_per_node, cpus_per_task=args.cpus_per_task, mem=args.mem,
+                     partition=args.partition, account=args.account, time=args.time,
+                     extra_sbatch=args.sbatch or [], setup=args.setup or [])
+
+
+def _local_or_url(value: str) -> str:
+    from launch.submit import absolute
+
+    return value if "://" in value else str(absolute(value))
+
+
+def _cmd_submit_train(args: argparse.Namespace) -> int:
+    from launch.submit import absolute, sbatch, train_script
+
+    from .config import RunConfig, check_data
+
+    run_dir = absolute(args.run_dir)
+    data = _local_or_url(args.data)
+    config = RunConfig.from_preset(args.preset, data, str(run_dir), args.overrides)  # bad settings fail here
+    check_data(config)
+    res = _resources(args, f"vdvae-{args.preset}")
+    script = train_script(res, args.preset, data, run_dir, args.overrides, grace=args.signal_grace)
+    if args.dry_run:
+        print(script, end="")
+        return 0
+    run_dir.mkdir(parents=True, exist_ok=True)
+    job = sbatch(script)
+    print(f"submitted training job {job}: {res.nodes} node(s) x {res.tasks} task(s)")
+    print(f"  log:         {run_dir}/slurm-{job}.out")
+    print(f"  watch:       tensorboard --logdir {run_dir}/tensorboard")
+    print("  preemption:  checkpoints and requeues itself; resubmitting the same command resumes too")
+    return 0
+
+
+def _cmd_submit_prep(args: argparse.Namespace) -> int:
+    from launch.submit import SubmitError, absolute, prep_scripts, sbatch
+
+    src = absolute(args.src)
+    if not src.exists():
+        raise SubmitError(f"--src {src} does not exist (the jobs read it from the same path: a shared folder)")
+    prep_args = [args.dataset, "--src", str(src), "--out", _local_or_url(args.out)]
+    for flag, value in (("--samples-per-shard", args.samples_per_shard), ("--workers", args.workers),
+                        ("--resolution", args.resolution), ("--num-valid", args.num_valid)):
+        if value is not None:
+            prep_args += [flag, str(value)]
+    prep_args += [flag for flag, on in (("--overwrite", args.overwrite), ("--strict", args.strict)) if on]
+    log_dir = absolute(args.log_dir)
+    scripts = prep_scripts(_resources(args, f"vdvae-prep-{args.dataset}"), prep_args, log_dir, args.ranks,
+                           array=args.array, launcher=args.launcher)
+    if args.dry_run:
+        print("\n# ---- then, after every array task succeeded:\n".join(scripts), end="")
+        return 0
+    log_dir.mkdir(parents=True, exist_ok=True)
+    job = sbatch(scripts[0])
+    if args.array:
+        finalize = sbatch(scripts[1], f"--dependency=afterok:{job}")
+        print(f"submitted prep array job {job} ({args.ranks} tasks) and finalize job {finalize}")
+        print(f"  logs: {log_dir}/prep-{job}_*.out, {log_dir}/prep-finalize-{finalize}.out")
+    else:
+        print(f"submitted prep job {job} ({args.ranks} ranks)")
+        print(f"  log: {log_dir}/prep-{job}.out")
+    return 0
+
+
+def _cmd_submit_eval(args: argparse.Namespace) -> int:
+    from launch.submit import absolute, eval_script, sbatch
+
+    source = absolute(args.source)
+    if not source.exists():
+        raise FileNotFoundError(f"{source}: not a run folder, weights file or official checkpoint")
+    eval_args = [str(source), "--data", _local_or_url(args.data), "--split", args.split,
+                 "--batch", str(args.batch), "--workers", str(args.workers), "--weights", args.weights]
+    if args.preset:
+        eval_args += ["--preset", args.preset]
+    log_dir = absolute(args.log_dir) if args.log_dir else (source if source.is_dir() else absolute("."))
+    script = eval_script(_resources(args, "vdvae-eval"), eval_args, log_dir)
+    if args.dry_run:
+        print(script, end="")
+        return 0
+    log_dir.mkdir(parents=True, exist_ok=True)
+    job = sbatch(script)
+    print(f"submitted eval job {job}; bits/dim in {log_dir}/eval-{job}.out")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vdvae",
@@ -271,6 +364,83 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser(
+        "submit", help="submit training, prep or eval to Slurm (sbatch)",
+        description="Render an sbatch script from the templates in launch/ and submit it with sbatch. "
+                    "Credentials and the S3 endpoint (AWS_*) reach the job through the environment of "
+                    "this shell; nothing secret is written into the script. --dry-run prints the script.")
+    jobs = p.add_subparsers(dest="job", required=True, metavar="JOB")
+
+    def slurm_options(q: argparse.ArgumentParser, nodes: bool) -> None:
+        g = q.add_argument_group("Slurm resources (default: the cluster's)")
+        if nodes:
+            g.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+            g.add_argument("--gpus-per-node", type=int, default=1,
+                           help="GPUs per node; one training task per GPU (default 1; 0 for CPU nodes)")
+            g.add_argument("--tasks-per-node", type=int, help="tasks per node (default: one per GPU)")
+        else:
+            q.set_defaults(nodes=1, tasks_per_node=None)
+            g.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per task (default 0)")
+        g.add_argument("--cpus-per-task", type=int)
+        g.add_argument("--mem", help="memory per node, e.g. 200G")
+        g.add_argument("--partition")
+        g.add_argument("--account")
+        g.add_argument("--time", help="wall-time limit, e.g. 2-00:00:00")
+        g.add_argument("--job-name")
+        g.add_argument("--sbatch", action="append", metavar="OPTION",
+                       help="another #SBATCH option, written --sbatch=--qos=high (repeatable)")
+        g.add_argument("--setup", action="append", metavar="LINE",
+                       help="a shell line run first in the job, e.g. 'module load cuda' (repeatable)")
+        q.add_argument("--dry-run", action="store_true", help="print the sbatch script; submit nothing")
+
+    q = jobs.add_parser("train", help="a DeepSpeed training job, one task per GPU, requeued on preemption",
+                        description="Training on --nodes x --gpus-per-node ranks started by srun. On the "
+                                    "preemption signal (--signal-grace seconds before the time limit, or "
+                                    "scancel --signal=USR1 --batch) every rank checkpoints and the job "
+                                    "requeues itself; it resumes from the run folder's latest checkpoint.")
+    q.add_argument("--preset", required=True, help="cifar10, imagenet32, imagenet64, ffhq256 or ffhq1024")
+    q.add_argument("--data", required=True, help="the prepared dataset: s3://... or a shared folder")
+    q.add_argument("--run-dir", required=True, help="the run folder, on a filesystem every node sees")
+    q.add_argument("--signal-grace", type=int, default=300,
+                   help="seconds before the time limit that Slurm signals the job to checkpoint (default 300)")
+    q.add_argument("overrides", nargs="*", metavar="key=value", help="settings that differ from the preset")
+    slurm_options(q, nodes=True)
+    q.set_defaults(func=_cmd_submit_train)
+
+    q = jobs.add_parser("prep", help="dataset sharding as MPI ranks, or as an array job plus a finalize job",
+                        description="`vdvae prep` on --ranks processes: MPI ranks in one job (mpirun inside "
+                                    "the allocation, or srun with PMIx), or with --array an array job of "
+                                    "--ranks tasks and a finalize job that writes the manifests after them.")
+    q.add_argument("dataset", choices=["cifar10", "imagenet32", "imagenet64", "ffhq256", "ffhq1024", "folder"])
+    q.add_argument("--src", required=True, help="the dataset as downloaded, on a shared folder")
+    q.add_argument("--out", required=True, help="s3://bucket/prefix or a shared folder")
+    q.add_argument("--ranks", type=int, default=2, help="processes (MPI ranks or array tasks; default 2)")
+    q.add_argument("--array", action="store_true", help="an array job plus a finalize job instead of MPI")
+    q.add_argument("--launcher", choices=["mpirun", "srun"], default="mpirun",
+                   help="how MPI ranks start (default mpirun; srun needs Slurm built with PMIx)")
+    q.add_argument("--log-dir", default="vdvae-logs", help="folder for the job logs (default ./vdvae-logs)")
+    q.add_argument("--samples-per-shard", type=int)
+    q.add_argument("--workers", type=int, help="local worker processes per rank")
+    q.add_argument("--resolution", type=int)
+    q.add_argument("--num-valid", type=int)
+    q.add_argument("--overwrite", action="store_true")
+    q.add_argument("--strict", action="store_true")
+    slurm_options(q, nodes=False)
+    q.set_defaults(func=_cmd_submit_prep)
+
+    q = jobs.add_parser("eval", help="a job that prints the test bits/dim of a model",
+                        description="`vdvae eval` as a one-task job; the bits/dim line is in its log.")
+    q.add_argument("source", help=source_help)
+    q.add_argument("--data", required=True, help="the prepared dataset (s3://... or a shared folder)")
+    q.add_argument("--split", default="test")
+    q.add_argument("--preset", help="the preset of an official checkpoint")
+    q.add_argument("--batch", type=int, default=16)
+    q.add_argument("--workers", type=int, default=2)
+    q.add_argument("--weights", choices=["ema", "model"], default="ema")
+    q.add_argument("--log-dir", help="folder for the job log (default: the run folder, else ./)")
+    slurm_options(q, nodes=False)
+    q.set_defaults(func=_cmd_submit_eval)
+
+    p = sub.add_parser(
         "demo", help="a short look at the model on real photographs (no cluster needed)",
         description="Train a small VDVAE for a few dozen steps on 32 px patches of the photographs "
                     "that ship with scikit-learn, print the ELBO as it falls, and write a sample "
@@ -283,11 +453,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from data_prep.storage import StorageError
+    from launch.submit import SubmitError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, StorageError) as err:
+    except (ValueError, FileNotFoundError, StorageError, SubmitError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

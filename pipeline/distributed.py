@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import subprocess
 
 import torch
@@ -27,7 +28,13 @@ def _first_slurm_host() -> str | None:
     try:
         out = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True, timeout=30)
         hosts = out.stdout.split()
-        return hosts[0] if out.returncode == 0 and hosts else None
+        if out.returncode != 0 or not hosts:
+            return None
+        # The address Slurm reaches the node by (NodeAddr; the node name where none is set).
+        out = subprocess.run(["scontrol", "show", "node", "-o", hosts[0]], capture_output=True, text=True,
+                             timeout=30)
+        addr = re.search(r"\bNodeAddr=(\S+)", out.stdout) if out.returncode == 0 else None
+        return addr.group(1) if addr else hosts[0]
     except (OSError, subprocess.TimeoutExpired):
         return None
 

@@ -396,6 +396,10 @@ class Trainer:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        # An explicit end to the process group: left to interpreter teardown, gloo's threads were seen
+        # to abort a finished rank ("terminate called without an active exception").
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def train(config: RunConfig) -> int:

@@ -13,10 +13,16 @@ want="$(sha256sum pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
 
 # System packages (Debian/Ubuntu), installed when missing: tcmalloc, the
 # allocator of the compute processes (pipeline/runtime.py); Open MPI for
-# mpi4py and `mpirun` (parallel prep).
+# mpi4py and `mpirun` (parallel prep); Slurm and munge, for `vdvae submit`
+# and the test session's one-host Slurm cluster (tests/services.py).
 need_apt=()
-ls /usr/lib/*/libtcmalloc_minimal.so.4 /usr/lib/libtcmalloc_minimal.so.4 >/dev/null 2>&1 || need_apt+=(libtcmalloc-minimal4)
+compgen -G "/usr/lib/*/libtcmalloc_minimal.so.4" >/dev/null || compgen -G "/usr/lib/libtcmalloc_minimal.so.4" >/dev/null \
+    || need_apt+=(libtcmalloc-minimal4)
 command -v mpirun >/dev/null 2>&1 || need_apt+=(openmpi-bin libopenmpi-dev)
+command -v sbatch >/dev/null 2>&1 || need_apt+=(slurm-client)
+[ -x /usr/sbin/slurmctld ] || need_apt+=(slurmctld)
+[ -x /usr/sbin/slurmd ] || need_apt+=(slurmd)
+[ -x /usr/sbin/munged ] || need_apt+=(munge)
 if [ ${#need_apt[@]} -gt 0 ]; then
     if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
         echo "setup: apt-get install ${need_apt[*]}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -150,3 +151,130 @@ class CuttingProxy:
 
     def close(self) -> None:
         self._server.close()
+
+
+class SlurmCluster:
+    """A real Slurm cluster on this host: munged, slurmctld and two slurmd nodes (n1, n2).
+
+    Everything but munge's key and socket lives under `root`; clients reach it
+    through `env` (SLURM_CONF). Needs root and the Debian packages slurmctld,
+    slurmd, slurm-client and munge (scripts/setup.sh installs them).
+    """
+
+    def __init__(self, root: Path, nodes: int = 2, cpus_per_node: int = 1, timeout: float = 60.0):
+        for exe in ("slurmctld", "slurmd", "sbatch", "munged"):
+            if shutil.which(exe) is None and not Path(f"/usr/sbin/{exe}").exists():
+                raise RuntimeError(f"{exe} not found: scripts/setup.sh installs slurmctld slurmd slurm-client munge")
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.nodes = [f"n{i}" for i in range(1, nodes + 1)]
+        self._procs: list[subprocess.Popen] = []
+        self._start_munge()
+        host = socket.gethostname()
+        ctld = free_port_pair()
+        node_ports = [free_port_pair() for _ in self.nodes]
+        for sub in ("state", "spool"):
+            (self.root / sub).mkdir(exist_ok=True)
+        node_lines = "\n".join(
+            f"NodeName={n} NodeHostname={host} NodeAddr=127.0.0.1 Port={p} CPUs={cpus_per_node} State=UNKNOWN"
+            for n, p in zip(self.nodes, node_ports, strict=True))
+        self.conf = self.root / "slurm.conf"
+        self.conf.write_text(f"""\
+ClusterName=vdvaetest
+SlurmctldHost={host}(127.0.0.1)
+SlurmctldPort={ctld}
+SlurmUser=root
+AuthType=auth/munge
+StateSaveLocation={self.root}/state
+SlurmdSpoolDir={self.root}/spool/%n
+SlurmctldPidFile={self.root}/slurmctld.pid
+SlurmdPidFile={self.root}/slurmd-%n.pid
+SlurmctldLogFile={self.root}/slurmctld.log
+SlurmdLogFile={self.root}/slurmd-%n.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+ReturnToService=2
+MpiDefault=none
+SchedulerType=sched/builtin
+SchedulerParameters=sched_interval=2
+KillWait=5
+MinJobAge=600
+SlurmctldTimeout=30
+SlurmdTimeout=30
+{node_lines}
+PartitionName=test Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE State=UP
+""")
+        self.env = {"SLURM_CONF": str(self.conf)}
+        env = {**os.environ, **self.env}
+        log = open(self.root / "daemons.log", "ab")
+        self._procs.append(subprocess.Popen(["/usr/sbin/slurmctld", "-D", "-i", "-f", str(self.conf)],
+                                            env=env, stdout=log, stderr=subprocess.STDOUT))
+        for n in self.nodes:
+            self._procs.append(subprocess.Popen(["/usr/sbin/slurmd", "-D", "-N", n, "-f", str(self.conf)],
+                                                env=env, stdout=log, stderr=subprocess.STDOUT))
+        deadline = time.time() + timeout
+        while True:
+            out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], env=env, capture_output=True, text=True)
+            states = dict(line.split() for line in out.stdout.splitlines() if line.strip())
+            if len(states) == len(self.nodes) and all(s == "idle" for s in states.values()):
+                return
+            dead = [p for p in self._procs if p.poll() is not None]
+            if dead or time.time() > deadline:
+                self.stop()
+                tail = "".join((self.root / f).read_text(errors="replace")[-1500:]
+                               for f in ("slurmctld.log", "daemons.log") if (self.root / f).exists())
+                raise RuntimeError(f"Slurm did not come up (sinfo: {out.stdout.strip() or out.stderr.strip()}): {tail}")
+            time.sleep(0.5)
+
+    @staticmethod
+    def _start_munge() -> None:
+        """munged as the munge user, with the key the package made (or a new one); reused when already up."""
+        if subprocess.run("munge -n | unmunge", shell=True, capture_output=True).returncode == 0:
+            return
+        if not Path("/etc/munge/munge.key").exists():
+            subprocess.run(["runuser", "-u", "munge", "--", "mungekey", "-c"], check=True)
+        Path("/run/munge").mkdir(parents=True, exist_ok=True)
+        shutil.chown("/run/munge", "munge", "munge")
+        subprocess.run(["runuser", "-u", "munge", "--", "/usr/sbin/munged"], check=True)
+        for _ in range(50):
+            if subprocess.run("munge -n | unmunge", shell=True, capture_output=True).returncode == 0:
+                return
+            time.sleep(0.1)
+        raise RuntimeError("munged did not answer")
+
+    def run(self, *cmd: str, check: bool = True) -> str:
+        out = subprocess.run(cmd, env={**os.environ, **self.env}, capture_output=True, text=True)
+        if check and out.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)}: {out.stderr.strip()}")
+        return out.stdout
+
+    def job(self, job_id: str) -> dict[str, str]:
+        """`scontrol show job` as a dict (JobState, Reason, Restarts, ExitCode, ...)."""
+        text = self.run("scontrol", "show", "job", "-o", job_id)
+        return dict(item.split("=", 1) for item in text.split() if "=" in item)
+
+    def wait(self, job_id: str, states: tuple[str, ...], timeout: float) -> dict[str, str]:
+        deadline = time.time() + timeout
+        while True:
+            info = self.job(job_id)
+            if info.get("JobState") in states:
+                return info
+            if time.time() > deadline:
+                raise TimeoutError(f"job {job_id} still {info.get('JobState')} ({info.get('Reason')}) "
+                                   f"after {timeout:.0f} s; waited for {states}")
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        subprocess.run(["scancel", "--full", "-u", "root"], env={**os.environ, **self.env}, capture_output=True)
+        for proc in reversed(self._procs):
+            proc.terminate()
+        for proc in self._procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
