@@ -65,12 +65,12 @@ def init_distributed() -> Ranks:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
     else:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        _without_shared_memory_op()
+        without_shared_memory_op()
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=False)
     return ranks
 
 
-def _without_shared_memory_op() -> None:
+def without_shared_memory_op() -> None:
     """Keep DeepSpeed's CPU shared-memory all-reduce op from being built and started.
 
     DeepSpeed's CPU backend JIT-compiles ``deepspeed_shm_comm`` on its first start (about 80 s on

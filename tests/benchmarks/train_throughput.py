@@ -56,8 +56,10 @@ def worker(args) -> None:
 
     from model import VDVAE
     from pipeline.config import RunConfig
+    from pipeline.distributed import without_shared_memory_op
     from pipeline.update import EMA, UpdateRule
 
+    without_shared_memory_op()
     deepspeed.init_distributed(dist_backend="gloo")
     config = RunConfig.from_preset(args.preset, "unused", "unused", [f"zero_stage={args.stage}",
                                                                     f"batch_per_gpu={args.batch}"])

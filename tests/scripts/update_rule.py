@@ -28,10 +28,12 @@ from conftest import TINY  # noqa: E402
 
 from model import VDVAE  # noqa: E402
 from pipeline.config import RunConfig  # noqa: E402
+from pipeline.distributed import without_shared_memory_op  # noqa: E402
 from pipeline.update import EMA, UpdateRule  # noqa: E402
 
 stage = int(sys.argv[1])
 rank = int(os.environ["RANK"])
+without_shared_memory_op()
 deepspeed.init_distributed(dist_backend="gloo")
 config = RunConfig.from_preset("cifar10", "unused", "unused", [f"zero_stage={stage}", "batch_per_gpu=4",
                                                               "lr=1e-3", "grad_clip=5", "skip_threshold=1e6"])
