@@ -1,21 +1,33 @@
-"""`vdvae demo`: the model learning real photographs, on a laptop-sized CPU budget."""
+"""`vdvae demo`: the whole system on one machine, on real photographs, in a few minutes.
+
+1. A small dataset laid out like the FFHQ release (`thumbnails128x128/00000/00000.png`, 1000 files
+   per subfolder), cut from the photographs that ship inside scikit-image and scikit-learn.
+2. `vdvae prep folder` shards it into webdataset tars with a manifest, in a local folder.
+3. `vdvae train` on 2 local DeepSpeed processes (ZeRO-2, bf16, gloo) streams the shards into a small
+   32 px VDVAE: TensorBoard logs, checkpoints, a sample grid PNG.
+Every step is the production code path; only the storage (a folder, not S3) and the launcher (two
+local processes, not srun) differ.
+"""
 
 from __future__ import annotations
 
-import math
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-import torch
+from PIL import Image
 
-from model import VDVAE, ModelConfig, get_preset
-
-from .images import make_grid, save_png
-from .weights import save_weights
+from model import ModelConfig, get_preset
 
 # A 32 px VDVAE with cifar10's normalisation and every kind of block the
-# paper's presets use, small enough to train for a minute on two cores.
+# paper's presets use, small enough to train for a few minutes on two cores.
 DEMO_MODEL = ModelConfig(
     image_size=32,
     width=64,
@@ -25,58 +37,132 @@ DEMO_MODEL = ModelConfig(
     input_shift=get_preset("cifar10").model.input_shift,
     input_scale=get_preset("cifar10").model.input_scale,
 )
+THUMB = 128  # FFHQ's thumbnails128x128 side
+# The colour photographs bundled in scikit-image's package data (no download).
+SKIMAGE_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "hubble_deep_field.jpg", "ihc.png",
+                  "motorcycle_left.png", "motorcycle_right.png", "retina.jpg", "rocket.jpg")
 
 
-def photo_patches(num: int, size: int, seed: int = 0) -> torch.Tensor:
-    """Random size x size crops of the two photographs shipped with scikit-learn, uint8 NHWC."""
+def photographs() -> list[np.ndarray]:
+    """The RGB photographs shipped inside scikit-image and scikit-learn, as uint8 HWC arrays."""
     try:
+        import skimage
         from sklearn.datasets import load_sample_images
     except ImportError as err:  # pragma: no cover - installed by scripts/setup.sh
-        raise SystemExit("the demo needs scikit-learn's sample photographs: pip install scikit-learn") from err
-    photos = load_sample_images().images
+        raise SystemExit(f"the demo needs the photographs of scikit-image and scikit-learn ({err}): "
+                         "run `make demo`, or pip install scikit-image scikit-learn") from err
+    folder = Path(skimage.__file__).parent / "data"
+    photos = [np.asarray(Image.open(folder / name).convert("RGB")) for name in SKIMAGE_PHOTOS
+              if (folder / name).is_file()]
+    photos += list(load_sample_images().images)
+    return photos
+
+
+def make_ffhq_like(root: Path, count: int, seed: int = 0) -> Path:
+    """`count` 128 px crops (random position, scale and flip) in the FFHQ release layout under
+    root/thumbnails128x128; kept when already complete. Returns that folder."""
+    folder = root / "thumbnails128x128"
+    done = root / ".complete"
+    if done.is_file() and done.read_text() == f"{count} {seed}":
+        return folder
+    if root.exists():
+        shutil.rmtree(root)  # a partial or different earlier build: ours, so start it again
+    photos = photographs()
     rng = np.random.default_rng(seed)
-    out = np.empty((num, size, size, 3), dtype=np.uint8)
-    for i in range(num):
+    for i in range(count):
         photo = photos[i % len(photos)]
-        y = rng.integers(0, photo.shape[0] - size)
-        x = rng.integers(0, photo.shape[1] - size)
-        out[i] = photo[y:y + size, x:x + size]
-    return torch.from_numpy(out)
+        h, w = photo.shape[:2]
+        side = int(rng.integers(min(h, w) // 5, min(h, w) + 1))
+        y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+        crop = Image.fromarray(photo[y:y + side, x:x + side]).resize((THUMB, THUMB), Image.Resampling.BILINEAR,
+                                                                     reducing_gap=None)
+        if rng.random() < 0.5:
+            crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        sub = folder / f"{i // 1000 * 1000:05d}"
+        sub.mkdir(parents=True, exist_ok=True)
+        crop.save(sub / f"{i:05d}.png")
+    done.write_text(f"{count} {seed}")
+    return folder
 
 
-def run_demo(out_dir: Path, steps: int = 60, batch: int = 16, seed: int = 0) -> int:
-    torch.manual_seed(seed)
-    data = photo_patches(1024, DEMO_MODEL.image_size, seed)
-    model = VDVAE(DEMO_MODEL)
-    n = sum(p.numel() for p in model.parameters())
-    print(f"demo: {n:,}-parameter VDVAE on {len(data)} 32 px patches of real photographs, "
-          f"{steps} steps of batch {batch}, bf16 autocast on {torch.get_num_threads()} threads")
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.9), weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / 10))
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def train_locally(settings: list[str], world: int, log_dir: Path) -> int:
+    """`vdvae train` as `world` local DeepSpeed ranks (as srun would start them); rank 0's output shown,
+    every rank's kept in log_dir/rank<r>.log. Returns the first nonzero exit status, else 0."""
+    port = _free_port()
+    procs, logs = [], []
+    for rank in range(world):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+        logs.append(open(log_dir / f"rank{rank}.log", "w"))
+        procs.append(subprocess.Popen([sys.executable, "-m", "pipeline.cli", "train", *settings], env=env,
+                                      stdout=subprocess.PIPE if rank == 0 else logs[-1],
+                                      stderr=logs[-1], text=True))
+    try:
+        for line in procs[0].stdout:
+            logs[0].write(line)
+            if line.startswith(("step ", "resumed", "stopped")) or "error" in line.lower():
+                print(f"  {line}", end="", flush=True)
+        codes = [p.wait() for p in procs]
+    except KeyboardInterrupt:
+        for p in procs:
+            p.terminate()
+        raise
+    finally:
+        for f in logs:
+            f.close()
+    return next((c for c in codes if c != 0), 0)
+
+
+def run_demo(out_dir: Path, steps: int = 1500, images: int = 4000, world: int = 2) -> int:
+    from data_prep.prep import prep
+
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    for step in range(1, steps + 1):
-        idx = torch.randint(0, len(data), (batch,))
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            terms = model(data[idx])
-        opt.zero_grad(set_to_none=True)
-        terms.elbo.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 200.0)
-        opt.step()
-        sched.step()
-        if step == 1 or step % 10 == 0 or step == steps:
-            print(f"step {step:4d}  elbo {terms.elbo.item():.3f} nats/dim  "
-                  f"({terms.bpd.item():.3f} bits/dim)  distortion {terms.distortion.item():.3f}  "
-                  f"rate {terms.rate.item():.3f}  {time.perf_counter() - start:.1f}s")
-    model.eval()
-    gen = torch.Generator().manual_seed(seed)
-    originals = data[:8]
-    rows = [originals]
-    rows += [model.sample_from_latents(originals, k, generator=gen) for k in (2, 6)]
-    rows += [model.sample(8, t, generator=gen) for t in (1.0, 0.8)]
-    grid = save_png(make_grid(rows), out_dir / "samples.png")
-    weights = save_weights(model, out_dir / "weights.pt")
-    print(f"demo: wrote {grid} (rows: originals; keeping 2 and 6 latent groups; samples at t=1.0, 0.8)")
-    print(f"demo: wrote {weights} ({math.ceil(weights.stat().st_size / 2**20)} MiB)")
-    print("next: `vdvae presets` lists the paper's configurations; "
-          "`vdvae import-official` converts the released checkpoints")
+
+    print(f"demo 1/3: {images} photographs-crops in the FFHQ release layout", flush=True)
+    src = make_ffhq_like(out_dir / "photos", images)
+    print(f"  {src} ({len(photographs())} source photographs, {time.perf_counter() - start:.0f} s)")
+
+    print("demo 2/3: vdvae prep folder -> webdataset shards and manifests", flush=True)
+    data = out_dir / "data"
+    manifests = prep("folder", src, str(data), samples_per_shard=1000, resolution=DEMO_MODEL.image_size,
+                     num_valid=images // 10, progress=True)
+    for split, manifest in (manifests or {}).items():
+        print(f"  {data}/{split}: {manifest['num_samples']} images in {len(manifest['shards'])} shards")
+
+    run = out_dir / "run"
+    model_json = out_dir / "model.json"
+    model_json.write_text(json.dumps(asdict(DEMO_MODEL), indent=1))
+    settings = ["--preset", "cifar10", "--data", str(data), "--run-dir", str(run), f"model_json={model_json}",
+                "zero_stage=2", "precision=bf16", "batch_per_gpu=8", "lr=1e-3", "warmup_iters=20",
+                "ema_rate=0.99", "workers=1", f"max_steps={steps}", "log_every=50", f"eval_every={steps}",
+                f"sample_every={steps}", f"checkpoint_every={max(steps // 2, 1)}", "keep_checkpoints=2"]
+    print(f"demo 3/3: vdvae train on {world} local DeepSpeed processes (ZeRO-2, bf16), {steps} steps",
+          flush=True)
+    (out_dir / "logs").mkdir(exist_ok=True)
+    status = train_locally(settings, world, out_dir / "logs")
+    if status != 0:
+        print(f"demo: training failed (exit status {status}); the ranks' output is in {out_dir}/logs/",
+              file=sys.stderr)
+        return status
+
+    grids = sorted((run / "samples").glob("*-samples.png"))
+    latest = (run / "checkpoints" / "latest").read_text().strip()
+    print(f"\ndemo: done in {time.perf_counter() - start:.0f} s")
+    print(f"  samples:     {grids[-1] if grids else '-'}")
+    print(f"  checkpoint:  {run}/checkpoints/{latest}")
+    print(f"  logs:        {run}/log.jsonl, {run}/tensorboard/")
+    print("next:")
+    print(f"  tensorboard --logdir {run}/tensorboard          # the curves, samples and reconstructions")
+    print(f"  vdvae sample {run} --out samples.png --temperatures 1.0,0.8")
+    print(f"  vdvae eval {run} --data {data} --split valid")
+    print(f"  vdvae export --run-dir {run} --out exported/")
+    print("  vdvae submit train --help                       # the same on a Slurm cluster, data on S3")
     return 0

@@ -55,6 +55,6 @@ fi
 echo "setup: installing $TORCH_SPEC"
 pip install "$TORCH_SPEC"
 echo "setup: installing the project and its test dependencies"
-pip install -e ".[test]"
+pip install -e ".[test,demo]"
 echo "$want" > "$STAMP"
 echo "setup: done ($("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__)'))"
