@@ -35,6 +35,8 @@ class Resources:
     cpus_per_task: int | None = None
     mem: str | None = None
     """Memory per node, in sbatch's syntax (64G)."""
+    mem_per_task: str | None = None
+    """Memory per task (64G); becomes --mem for the node's tasks together."""
     partition: str | None = None
     account: str | None = None
     time: str | None = None
@@ -50,6 +52,13 @@ class Resources:
             if value is not None and (value < (0 if name == "gpus_per_node" else 1)):
                 raise SubmitError(f"--{name.replace('_', '-')} must be at least "
                                   f"{0 if name == 'gpus_per_node' else 1}, not {value}")
+        if self.mem and self.mem_per_task:
+            raise SubmitError("give --mem (per node) or --mem-per-task, not both")
+        for name in ("mem", "mem_per_task"):
+            value = getattr(self, name)
+            if value is not None and not re.fullmatch(r"\d+[KMGT]?", value):
+                raise SubmitError(f"--{name.replace('_', '-')} {value!r}: a number with an optional unit "
+                                  "K, M, G or T, e.g. 64G")
         if not re.fullmatch(r"[\w.-]+", self.job_name):
             raise SubmitError(f"job name {self.job_name!r}: use letters, digits, '.', '_' or '-'")
         for line in self.extra_sbatch:
@@ -67,7 +76,11 @@ class Resources:
             lines.append(f"--gpus-per-node={self.gpus_per_node}")
         elif self.gpus_per_node:
             lines.append(f"--gpus-per-task={self.gpus_per_node}")
-        for option, value in (("cpus-per-task", self.cpus_per_task), ("mem", self.mem),
+        mem = self.mem
+        if self.mem_per_task:
+            number, unit = re.fullmatch(r"(\d+)([KMGT]?)", self.mem_per_task).groups()
+            mem = f"{int(number) * (self.tasks if per_node else 1)}{unit}"
+        for option, value in (("cpus-per-task", self.cpus_per_task), ("mem", mem),
                               ("partition", self.partition), ("account", self.account), ("time", self.time)):
             if value is not None:
                 lines.append(f"--{option}={value}")

@@ -169,6 +169,7 @@ def _resources(args: argparse.Namespace, default_name: str):
 
     return Resources(job_name=args.job_name or default_name, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
                      tasks_per_node=args.tasks_per_node, cpus_per_task=args.cpus_per_task, mem=args.mem,
+                     mem_per_task=args.mem_per_task,
                      partition=args.partition, account=args.account, time=args.time,
                      extra_sbatch=args.sbatch or [], setup=args.setup or [])
 
@@ -378,7 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
             q.set_defaults(nodes=1, tasks_per_node=None)
             g.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per task (default 0)")
         g.add_argument("--cpus-per-task", type=int)
-        g.add_argument("--mem", help="memory per node, e.g. 200G")
+        g.add_argument("--mem", help="memory per node, e.g. 400G")
+        g.add_argument("--mem-per-task", help="memory per task, e.g. 48G (sbatch --mem = this x tasks per node)")
         g.add_argument("--partition")
         g.add_argument("--account")
         g.add_argument("--time", help="wall-time limit, e.g. 2-00:00:00")

@@ -63,6 +63,16 @@ def test_train_script(data, tmp_path):
     assert not (data / "runs").exists()  # a dry run creates nothing
 
 
+def test_memory_per_task_becomes_memory_per_node(data):
+    out = vdvae("submit", "train", "--preset", "cifar10", "--data", "data", "--run-dir", "r", "--gpus-per-node", "4",
+                "--mem-per-task", "48G", "--dry-run", cwd=data)
+    assert out.returncode == 0, out.stderr
+    assert "#SBATCH --mem=192G" in out.stdout and "#SBATCH --ntasks-per-node=4" in out.stdout
+    both = vdvae("submit", "train", "--preset", "cifar10", "--data", "data", "--run-dir", "r", "--mem", "1G",
+                 "--mem-per-task", "48G", "--dry-run", cwd=data)
+    assert both.returncode == 2 and "not both" in both.stderr
+
+
 def test_cpu_nodes_get_one_task_each_and_no_gpu_request(data):
     out = vdvae("submit", "train", "--preset", "cifar10", "--data", "data", "--run-dir", "r", "--nodes", "2",
                 "--gpus-per-node", "0", "--dry-run", cwd=data)
@@ -77,6 +87,7 @@ def test_cpu_nodes_get_one_task_each_and_no_gpu_request(data):
     (["--job-name", "a b"], "job name"),
     (["--sbatch=qos=high"], "--qos=high"),
     (["--nodes", "0"], "--nodes"),
+    (["--mem", "lots"], "--mem"),
 ])
 def test_bad_train_options_fail_before_sbatch(data, args, message):
     out = vdvae("submit", "train", "--preset", "cifar10", "--data", "data", "--run-dir", "r", *args, cwd=data)
