@@ -51,7 +51,7 @@ def _cmd_prep(args: argparse.Namespace) -> int:
                          "start the ranks with mpirun (or srun --mpi=pmix), or run an array job and then "
                          "--finalize (vdvae submit prep does either)")
     prep(args.dataset, args.src, args.out, samples_per_shard=args.samples_per_shard,
-         workers=args.workers, overwrite=args.overwrite, strict=args.strict,
+         workers=args.workers or 1, overwrite=args.overwrite, strict=args.strict,
          resolution=args.resolution, num_valid=args.num_valid, ranks=ranks,
          finalize_only=args.finalize, progress=ranks.rank == 0 or ranks.launcher == "slurm-array")
     return 0
@@ -209,12 +209,7 @@ def _cmd_submit_prep(args: argparse.Namespace) -> int:
     src = absolute(args.src)
     if not src.exists():
         raise SubmitError(f"--src {src} does not exist (the jobs read it from the same path: a shared folder)")
-    prep_args = [args.dataset, "--src", str(src), "--out", _local_or_url(args.out)]
-    for flag, value in (("--samples-per-shard", args.samples_per_shard), ("--workers", args.workers),
-                        ("--resolution", args.resolution), ("--num-valid", args.num_valid)):
-        if value is not None:
-            prep_args += [flag, str(value)]
-    prep_args += [flag for flag, on in (("--overwrite", args.overwrite), ("--strict", args.strict)) if on]
+    prep_args = [args.dataset, "--src", str(src), "--out", _local_or_url(args.out), *_as_flags(args, PREP_OPTIONS)]
     log_dir = absolute(args.log_dir)
     scripts = prep_scripts(_resources(args, f"vdvae-prep-{args.dataset}"), prep_args, log_dir, args.ranks,
                            array=args.array, launcher=args.launcher)
@@ -239,10 +234,7 @@ def _cmd_submit_eval(args: argparse.Namespace) -> int:
     source = absolute(args.source)
     if not source.exists():
         raise FileNotFoundError(f"{source}: not a run folder, weights file or official checkpoint")
-    eval_args = [str(source), "--data", _local_or_url(args.data), "--split", args.split,
-                 "--batch", str(args.batch), "--workers", str(args.workers), "--weights", args.weights]
-    if args.preset:
-        eval_args += ["--preset", args.preset]
+    eval_args = [str(source), "--data", _local_or_url(args.data), *_as_flags(args, EVAL_OPTIONS)]
     log_dir = absolute(args.log_dir) if args.log_dir else (source if source.is_dir() else absolute("."))
     script = eval_script(_resources(args, "vdvae-eval"), eval_args, log_dir)
     if args.dry_run:
@@ -252,6 +244,61 @@ def _cmd_submit_eval(args: argparse.Namespace) -> int:
     job = sbatch(script)
     print(f"submitted eval job {job}; bits/dim in {log_dir}/eval-{job}.out")
     return 0
+
+
+DATASETS = ("cifar10", "imagenet32", "imagenet64", "ffhq256", "ffhq1024", "folder")
+
+
+def _prep_arguments(p: argparse.ArgumentParser) -> None:
+    """What `vdvae prep` and `vdvae submit prep` both take (PREP_OPTIONS: those passed on as given)."""
+    p.add_argument("dataset", choices=DATASETS,
+                   help="the dataset; `folder`: any folder of images, center-cropped and resized")
+    p.add_argument("--src", required=True,
+                   help="the dataset folder: cifar-10-batches-py/ (cifar10); train_32x32/ + valid_32x32/ "
+                        "or train_data_batch_1..10 + val_data (imagenet32, and 64 alike); "
+                        "images1024x1024/ or a flat folder of 00000.png ... 69999.png (ffhq256, ffhq1024); "
+                        "any folder of images (folder)")
+    p.add_argument("--out", required=True, help="s3://bucket/prefix or a local folder")
+    p.add_argument("--samples-per-shard", type=int,
+                   help="default by dataset, for shards of roughly 50-300 MB: cifar10 and imagenet32 "
+                        "10000, imagenet64 4000, ffhq256 1000, ffhq1024 200, folder 1000")
+    p.add_argument("--workers", type=int, help="local worker processes (per rank; default 1)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing output made with other options")
+    p.add_argument("--resolution", type=int, help="folder: side of the square images written")
+    p.add_argument("--num-valid", type=int, help="folder: images held out for validation (default 0)")
+    p.add_argument("--strict", action="store_true",
+                   help="stop at the first bad image instead of listing it in the manifest's rejections")
+
+
+PREP_OPTIONS = ("samples_per_shard", "workers", "resolution", "num_valid", "overwrite", "strict")
+
+
+def _eval_arguments(p: argparse.ArgumentParser, source_help: str) -> None:
+    """What `vdvae eval` and `vdvae submit eval` both take (all passed on as given)."""
+    p.add_argument("source", help=source_help)
+    p.add_argument("--data", required=True, help="the prepared dataset (s3://... or a folder)")
+    p.add_argument("--split", default="test", help="default test (ffhq has valid only)")
+    p.add_argument("--preset", help="the preset of an official checkpoint")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--weights", choices=["ema", "model"], default="ema", help="of a run folder (default ema)")
+
+
+EVAL_OPTIONS = ("split", "preset", "batch", "workers", "seed", "weights")
+
+
+def _as_flags(args: argparse.Namespace, names: tuple[str, ...]) -> list[str]:
+    """The given options as command-line flags again (switches when on, values when set)."""
+    flags = []
+    for name in names:
+        value = getattr(args, name)
+        if value is True:
+            flags.append(f"--{name.replace('_', '-')}")
+        elif value is not None and value is not False:  # (0 is a value: `in (None, False)` would drop it)
+            flags += [f"--{name.replace('_', '-')}", str(value)]
+    return flags
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -286,26 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "under mpirun (or srun with PMI) the ranks share the shards and rank 0 writes the "
                     "manifests; as a Slurm array each task writes its share and a last run with "
                     "--finalize writes the manifests.")
-    p.add_argument("dataset", choices=["cifar10", "imagenet32", "imagenet64", "ffhq256", "ffhq1024", "folder"],
-                   help="the dataset; `folder`: any folder of images, center-cropped and resized")
-    p.add_argument("--src", required=True,
-                   help="the dataset folder: cifar-10-batches-py/ (cifar10); train_32x32/ + valid_32x32/ "
-                        "or train_data_batch_1..10 + val_data (imagenet32, and 64 alike); "
-                        "images1024x1024/ or a flat folder of 00000.png ... 69999.png (ffhq256, ffhq1024); "
-                        "any folder of images (folder)")
-    p.add_argument("--out", required=True, help="s3://bucket/prefix or a local folder")
-    p.add_argument("--samples-per-shard", type=int,
-                   help="default by dataset, for shards of roughly 50-300 MB: cifar10 and imagenet32 "
-                        "10000, imagenet64 4000, ffhq256 1000, ffhq1024 200, folder 1000")
-    p.add_argument("--workers", type=int, default=1, help="local worker processes (default: 1)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace existing output made with other options")
-    p.add_argument("--resolution", type=int, help="folder: side of the square images written")
-    p.add_argument("--num-valid", type=int, help="folder: images held out for validation (default 0)")
+    _prep_arguments(p)
     p.add_argument("--finalize", action="store_true",
                    help="only write the manifests, once every shard is complete (after a Slurm array)")
-    p.add_argument("--strict", action="store_true",
-                   help="stop at the first bad image instead of listing it in the manifest's rejections")
     p.set_defaults(func=_cmd_prep)
 
     from .config import SETTINGS
@@ -351,14 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="bits/dim of a model on a prepared split, every image once",
                        description="The test (or valid) bits/dim of " + source_help + ", on a split "
                                    "prepared by `vdvae prep`, with the number of images evaluated.")
-    p.add_argument("source", help=source_help)
-    p.add_argument("--data", required=True, help="the prepared dataset (s3://... or a folder)")
-    p.add_argument("--split", default="test", help="default test (ffhq has valid only)")
-    p.add_argument("--preset", help="the preset of an official checkpoint")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--weights", choices=["ema", "model"], default="ema", help="of a run folder (default ema)")
+    _eval_arguments(p, source_help)
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser(
@@ -409,32 +432,18 @@ def build_parser() -> argparse.ArgumentParser:
                         description="`vdvae prep` on --ranks processes: MPI ranks in one job (mpirun inside "
                                     "the allocation, or srun with PMIx), or with --array an array job of "
                                     "--ranks tasks and a finalize job that writes the manifests after them.")
-    q.add_argument("dataset", choices=["cifar10", "imagenet32", "imagenet64", "ffhq256", "ffhq1024", "folder"])
-    q.add_argument("--src", required=True, help="the dataset as downloaded, on a shared folder")
-    q.add_argument("--out", required=True, help="s3://bucket/prefix or a shared folder")
+    _prep_arguments(q)
     q.add_argument("--ranks", type=int, default=2, help="processes (MPI ranks or array tasks; default 2)")
     q.add_argument("--array", action="store_true", help="an array job plus a finalize job instead of MPI")
     q.add_argument("--launcher", choices=["mpirun", "srun"], default="mpirun",
                    help="how MPI ranks start (default mpirun; srun needs Slurm built with PMIx)")
     q.add_argument("--log-dir", default="vdvae-logs", help="folder for the job logs (default ./vdvae-logs)")
-    q.add_argument("--samples-per-shard", type=int)
-    q.add_argument("--workers", type=int, help="local worker processes per rank")
-    q.add_argument("--resolution", type=int)
-    q.add_argument("--num-valid", type=int)
-    q.add_argument("--overwrite", action="store_true")
-    q.add_argument("--strict", action="store_true")
     slurm_options(q, nodes=False)
     q.set_defaults(func=_cmd_submit_prep)
 
     q = jobs.add_parser("eval", help="a job that prints the test bits/dim of a model",
                         description="`vdvae eval` as a one-task job; the bits/dim line is in its log.")
-    q.add_argument("source", help=source_help)
-    q.add_argument("--data", required=True, help="the prepared dataset (s3://... or a shared folder)")
-    q.add_argument("--split", default="test")
-    q.add_argument("--preset", help="the preset of an official checkpoint")
-    q.add_argument("--batch", type=int, default=16)
-    q.add_argument("--workers", type=int, default=2)
-    q.add_argument("--weights", choices=["ema", "model"], default="ema")
+    _eval_arguments(q, source_help)
     q.add_argument("--log-dir", help="folder for the job log (default: the run folder, else ./)")
     slurm_options(q, nodes=False)
     q.set_defaults(func=_cmd_submit_eval)
