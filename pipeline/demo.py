@@ -128,7 +128,7 @@ def run_demo(out_dir: Path, steps: int = 1500, images: int = 4000, world: int = 
 
     print(f"demo 1/3: {images} photographs-crops in the FFHQ release layout", flush=True)
     src = make_ffhq_like(out_dir / "photos", images)
-    print(f"  {src} ({len(photographs())} source photographs, {time.perf_counter() - start:.0f} s)")
+    print(f"  {src} ({time.perf_counter() - start:.0f} s)")
 
     print("demo 2/3: vdvae prep folder -> webdataset shards and manifests", flush=True)
     data = out_dir / "data"
