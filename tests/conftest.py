@@ -29,6 +29,19 @@ TINY = ModelConfig(
 )
 
 
+def gradient_photos(folder: Path, count: int = 72) -> Path:
+    """`count` small learnable images (8 px colour gradients plus noise) as PNG files in `folder`."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True)
+    for i in range(count):
+        base = np.linspace(0, 1, 8)[None, :, None] * rng.uniform(60, 200, 3) + rng.uniform(0, 50, 3)
+        pixels = np.broadcast_to(base, (8, 8, 3)) + rng.normal(0, 4, (8, 8, 3))
+        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(folder / f"{i:03d}.png")
+    return folder
+
+
 @pytest.fixture
 def tiny_config() -> ModelConfig:
     return TINY

@@ -14,11 +14,9 @@ import urllib.request
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
-from conftest import TINY
+from conftest import TINY, gradient_photos
 from services import SlurmCluster
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,17 +48,6 @@ def vdvae(env, cwd, *args: str) -> str:
 
 def job_id(submit_output: str) -> str:
     return re.search(r"job (\d+)", submit_output).group(1)
-
-
-def photos(folder: Path, count: int = 72) -> Path:
-    """Small learnable images (smooth colour gradients plus noise) in a plain image folder."""
-    rng = np.random.default_rng(0)
-    folder.mkdir(parents=True)
-    for i in range(count):
-        base = np.linspace(0, 1, 8)[None, :, None] * rng.uniform(60, 200, 3) + rng.uniform(0, 50, 3)
-        pixels = np.broadcast_to(base, (8, 8, 3)) + rng.normal(0, 4, (8, 8, 3))
-        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(folder / f"{i:03d}.png")
-    return folder
 
 
 def log_steps(run: Path) -> list[int]:
@@ -100,7 +87,7 @@ def tensorboard_scalars(logdir: Path, tag: str, env) -> list[list[float]]:
 
 def test_prep_train_preempt_requeue_resume_eval_through_submit(slurm, env, s3_server, bucket, tmp_path):
     started = time.time()
-    src = photos(tmp_path / "photos")
+    src = gradient_photos(tmp_path / "photos")
     data = f"s3://{bucket}/photos8"
 
     # 1. prep: 2 MPI ranks (mpirun inside the 2-node allocation) shard the folder to S3
@@ -193,7 +180,8 @@ def training_rank_pid(run: Path, rank: int) -> int | None:
 
 def test_a_dead_task_takes_the_job_down_and_a_resubmission_resumes(slurm, env, s3_server, bucket, tmp_path):
     data = tmp_path / "data"
-    vdvae(env, tmp_path, "prep", "folder", "--src", str(photos(tmp_path / "photos")), "--out", str(data),
+    src = gradient_photos(tmp_path / "photos")
+    vdvae(env, tmp_path, "prep", "folder", "--src", str(src), "--out", str(data),
           "--resolution", "8", "--num-valid", "8", "--samples-per-shard", "16")
     run = tmp_path / "run"
     model_json = tmp_path / "tiny.json"
@@ -227,7 +215,7 @@ def test_a_dead_task_takes_the_job_down_and_a_resubmission_resumes(slurm, env, s
 
 
 def test_prep_as_an_array_job_then_finalize_through_submit(slurm, env, s3_server, bucket, tmp_path):
-    src = photos(tmp_path / "photos")
+    src = gradient_photos(tmp_path / "photos")
     data = f"s3://{bucket}/photos8"
     out = vdvae(env, tmp_path, "submit", "prep", "folder", "--src", str(src), "--out", data, "--ranks", "3",
                 "--array", "--resolution", "8", "--num-valid", "8", "--samples-per-shard", "16",

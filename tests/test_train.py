@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import TINY
+from conftest import TINY, gradient_photos
 from data_prep.prep import prep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,13 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def data(tmp_path_factory):
     """64 photographs-like 8 px images (smooth gradients plus noise: learnable), prepared as shards."""
     tmp = tmp_path_factory.mktemp("train-data")
-    rng = np.random.default_rng(0)
-    (tmp / "src").mkdir()
-    for i in range(72):
-        base = np.linspace(0, 1, 8)[None, :, None] * rng.uniform(60, 200, 3) + rng.uniform(0, 50, 3)
-        pixels = np.broadcast_to(base, (8, 8, 3)) + rng.normal(0, 4, (8, 8, 3))
-        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(tmp / "src" / f"{i:03d}.png")
-    prep("folder", tmp / "src", str(tmp / "data"), samples_per_shard=16, resolution=8, num_valid=8, progress=False)
+    prep("folder", gradient_photos(tmp / "src"), str(tmp / "data"), samples_per_shard=16, resolution=8,
+         num_valid=8, progress=False)
     model_json = tmp / "tiny.json"
     model_json.write_text(json.dumps(asdict(TINY)))
     return {"data": str(tmp / "data"), "model_json": str(model_json)}
