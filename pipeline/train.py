@@ -74,7 +74,7 @@ class Trainer:
 
         from model import VDVAE
 
-        from .distributed import init_distributed
+        from .distributed import init_distributed, share_fp32_master
 
         check_data(config)  # before any process group: a bad path or a wrong preset fails here
         if config.precision == "fp16" and not torch.cuda.is_available():
@@ -94,6 +94,7 @@ class Trainer:
                                            use_reentrant=config.zero_stage == 3)
         ds = config.deepspeed_config(self.world, on_gpu=self.device.type == "cuda")
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
+        share_fp32_master(self.engine)
         self.rule = UpdateRule(self.engine, config.grad_clip, config.skip_threshold)
         self.ema = EMA(self.engine, config.ema_rate)
         self.stream = ShardStream(f"{config.data.rstrip('/')}/train", config.batch_per_gpu, rank=self.rank,

@@ -1,14 +1,17 @@
 """Training throughput and per-rank state memory on 2 CPU ranks (DeepSpeed, gloo), by ZeRO stage.
 
-    python tests/benchmarks/train_throughput.py [--preset cifar10] [--batch 2] [--steps 6]
+    python tests/benchmarks/train_throughput.py [--preset cifar10] [--batch 2] [--steps 6] [--separate-master]
 
 Launches 2 ranks per ZeRO stage (0, 2, 3) on the preset's model with
 random uint8 batches (the data path is measured by stream_throughput.py)
 and reports, per stage:
   - images/s over --steps steps under the paper's update rule with EMA;
-  - per-rank persistent tensor memory between steps (parameters, gradients,
-    optimizer state, master copies, EMA: every tensor alive after a step,
-    each storage counted once), and its ratio stage 3 / stage 0;
+  - per-rank memory of model and optimizer state: every tensor alive (each
+    storage counted once) once the backward pass has made the gradients and
+    freed the activations, and again after the step; the state is the larger
+    (parameters, gradients, optimizer state, master copies, buckets, EMA; at
+    stage 0 the gradients live from backward to the end of the step), and
+    its ratio stage 3 / stage 0;
   - at stages 2 and 3, the step time with the update rule and EMA against
     plain `engine.step()` with DeepSpeed's clipping and no EMA, alternating
     step by step in the same process (median of --steps pairs).
@@ -56,7 +59,7 @@ def worker(args) -> None:
 
     from model import VDVAE
     from pipeline.config import RunConfig
-    from pipeline.distributed import without_shared_memory_op
+    from pipeline.distributed import share_fp32_master, without_shared_memory_op
     from pipeline.update import EMA, UpdateRule
 
     without_shared_memory_op()
@@ -67,6 +70,8 @@ def worker(args) -> None:
     model = VDVAE(config.model_config())
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                       config=config.deepspeed_config(2, on_gpu=False))
+    if not args.separate_master:
+        share_fp32_master(engine)  # as the trainer does
     rule = UpdateRule(engine, config.grad_clip, config.skip_threshold)
     ema = EMA(engine, config.ema_rate)
     size = config.model_config().image_size
@@ -82,8 +87,16 @@ def worker(args) -> None:
 
     paper_step()  # warm-up
     times = [paper_step() for _ in range(args.steps)]
+    out = engine(images)
+    engine.backward(out.elbo)
+    del out
+    after_backward = persistent_tensor_bytes()
+    if not rule.step().skipped:
+        ema.update()
+    after_step = persistent_tensor_bytes()
     result = {"stage": args.stage, "images_per_s_per_rank": args.batch / float(np.median(times)),
-              "persistent_bytes": persistent_tensor_bytes()}
+              "after_backward_bytes": after_backward, "after_step_bytes": after_step,
+              "persistent_bytes": max(after_backward, after_step)}
     if args.stage > 0:  # the same steps without the rule's skip check and without EMA
         name = "scaled_global_norm" if args.stage in (1, 2) else "_get_norm_groups"
         hooked = getattr(engine.optimizer, name)
@@ -115,8 +128,10 @@ def launch(args, stage: int) -> dict:
         env = dict(os.environ, DS_ACCELERATOR="cpu", RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
                    LOCAL_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
                    PYTHONPATH=str(ROOT))
+        extra = ["--separate-master"] if args.separate_master else []
         procs.append(subprocess.Popen([sys.executable, __file__, "--worker", "--stage", str(stage), "--preset",
-                                       args.preset, "--batch", str(args.batch), "--steps", str(args.steps)],
+                                       args.preset, "--batch", str(args.batch), "--steps", str(args.steps),
+                                       *extra],
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outs = [p.communicate() for p in procs]
     for p, (_, err) in zip(procs, outs, strict=True):
@@ -131,6 +146,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2, help="images per rank per step")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--stages", default="0,2,3")
+    parser.add_argument("--separate-master", action="store_true",
+                        help="keep DeepSpeed's own separate fp32 master copy at stage 3 (as before share_fp32_master)")
     parser.add_argument("--stage", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -140,8 +157,10 @@ def main() -> None:
     for stage, r in results.items():
         line = {"preset": args.preset, "ranks": 2, "batch_per_rank": args.batch, "stage": stage,
                 "images_per_s": round(2 * r["images_per_s_per_rank"], 3),
-                "persistent_gb_per_rank": round(r["persistent_bytes"] / 2**30, 3),
-                "persistent_over_stage0": round(r["persistent_bytes"] / results[0]["persistent_bytes"], 3)
+                "state_gb_per_rank": round(r["persistent_bytes"] / 2**30, 3),
+                "after_backward_gb": round(r["after_backward_bytes"] / 2**30, 3),
+                "after_step_gb": round(r["after_step_bytes"] / 2**30, 3),
+                "state_over_stage0": round(r["persistent_bytes"] / results[0]["persistent_bytes"], 3)
                 if 0 in results else None}
         if "paper_step_s" in r:
             line.update(paper_step_s=round(r["paper_step_s"], 3), plain_step_s=round(r["plain_step_s"], 3),

@@ -20,7 +20,7 @@ import deepspeed  # noqa: E402
 from conftest import TINY  # noqa: E402
 
 from model import VDVAE  # noqa: E402
-from pipeline.distributed import without_shared_memory_op  # noqa: E402
+from pipeline.distributed import share_fp32_master, without_shared_memory_op  # noqa: E402
 
 policy, reentrant = sys.argv[1], sys.argv[2] == "1"
 torch.manual_seed(0)
@@ -38,6 +38,9 @@ config = {
 }
 without_shared_memory_op()
 engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+freed = share_fp32_master(engine)
+masters_shared = all(m.data_ptr() == p.data_ptr() for m, p in zip(engine.optimizer.fp32_partitioned_groups_flat,
+                                                                  engine.optimizer.fp16_partitioned_groups_flat, strict=True))
 images = torch.randint(0, 256, (4, 8, 8, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
 losses, ref_losses = [], []
 for step in range(2):
@@ -53,4 +56,6 @@ for step in range(2):
     ref_opt.step()
     ref_losses.append(ref_loss.item())
 samples = engine.module.sample(2, 0.8, generator=torch.Generator().manual_seed(0))
-print(json.dumps({"losses": losses, "reference": ref_losses, "sample_shape": list(samples.shape)}))
+print(json.dumps({"losses": losses, "reference": ref_losses, "sample_shape": list(samples.shape),
+                  "freed": freed, "masters_shared": masters_shared,
+                  "params": sum(p.numel() for p in reference.parameters())}))
