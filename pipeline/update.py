@@ -11,8 +11,11 @@ same global norm inside `engine.step()`, clips with the same formula
 is not finite. `UpdateRule` wraps the optimizer's norm so that a norm at or
 above the threshold reads as not finite to DeepSpeed, after recording the
 true one. A NaN loss on any rank makes the reduced gradients, hence the
-norm, NaN on every rank, so every rank skips together. At stage 0 the
-gradients are whole on every rank and the rule is applied directly.
+norm, NaN on every rank, so every rank skips together. DeepSpeed takes
+every such skip for an fp16 overflow and lowers its dynamic loss scale; for
+a finite norm over the threshold nothing overflowed, so the rule puts the
+scale (and its hysteresis) back. At stage 0 the gradients are whole on
+every rank and the rule is applied directly.
 """
 
 from __future__ import annotations
@@ -78,10 +81,19 @@ class UpdateRule:
             engine.step()
             return UpdateStats(norm, skip)
         self._norm = None
+        scaler = getattr(engine.optimizer, "loss_scaler", None)
+        saved = {k: getattr(scaler, k) for k in _SCALER_STATE if hasattr(scaler, k)}
         engine.step()
         skipped = not engine.was_step_applied()
         norm = math.nan if self._norm is None else self._norm
+        if skipped and math.isfinite(norm):  # over the threshold, not an overflow: keep the fp16 loss scale
+            for k, v in saved.items():
+                setattr(scaler, k, v)
         return UpdateStats(norm, skipped)
+
+
+_SCALER_STATE = ("cur_scale", "cur_hysteresis", "last_overflow_iter")
+"""What DeepSpeed's DynamicLossScaler changes on an overflow (its iteration count advances either way)."""
 
 
 class EMA:

@@ -8,8 +8,12 @@ Steps, each on 4 images per rank with the same RNG seed on both ranks:
   2. rank 1's loss made NaN: every rank must skip;
   3. the skip threshold set below the norm: every rank must skip;
   4. a normal step again.
-Prints one JSON line: norms, skip flags, and whether this rank's parameters
-(its partition under ZeRO-3) and EMA changed at each step.
+Under ZeRO 1-3 the optimizer gets DeepSpeed's dynamic fp16 loss scaler
+(starting at 1, so fp32 values are unchanged): a NaN is an overflow and
+halves the scale, a skip over the threshold must leave it.
+Prints one JSON line: norms, skip flags, the loss scale after each step,
+and whether this rank's parameters (its partition under ZeRO-3) and EMA
+changed at each step.
 """
 
 import json
@@ -43,6 +47,11 @@ model = VDVAE(TINY)
 reference = VDVAE(TINY)
 reference.load_state_dict(model.state_dict())
 engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
+if stage > 0:
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
+
+    engine.optimizer.loss_scaler = DynamicLossScaler(init_scale=1.0, scale_window=1000, min_scale=1e-4,
+                                                     delayed_shift=1, consecutive_hysteresis=False)
 rule = UpdateRule(engine, config.grad_clip, config.skip_threshold)
 ema = EMA(engine, 0.9)
 
@@ -64,7 +73,8 @@ def reference_norm(step: int) -> float:
     return float(torch.nn.utils.get_total_norm([p.grad for p in reference.parameters() if p.grad is not None]))
 
 
-result = {"norms": [], "reference_norm": None, "skipped": [], "params_changed": [], "ema_changed": []}
+result = {"norms": [], "reference_norm": None, "skipped": [], "params_changed": [], "ema_changed": [],
+          "loss_scale": []}
 for step in range(4):
     before, ema_before = local_state(), [s.clone() for s in ema.shadow]
     torch.manual_seed(step)
@@ -82,6 +92,7 @@ for step in range(4):
         result["reference_norm"] = reference_norm(step)
     result["norms"].append(stats.grad_norm)
     result["skipped"].append(stats.skipped)
+    result["loss_scale"].append(float(getattr(getattr(engine.optimizer, "loss_scaler", None), "cur_scale", 1.0)))
     result["params_changed"].append(any(not torch.equal(a, b) for a, b in zip(before, local_state(), strict=True)))
     result["ema_changed"].append(any(not torch.equal(a, b) for a, b in zip(ema_before, ema.shadow, strict=True)))
 result["ema_numel"] = ema.numel()
