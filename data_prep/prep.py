@@ -178,7 +178,7 @@ def _commit_shard(out_url: str, split: str, tmp: Path, record: dict) -> dict:
     """Put the finished tar in the store under its name, then its record (the commit)."""
     store = open_store(f"{out_url.rstrip('/')}/{split}")
     try:
-        store.put_file(record["name"], tmp)
+        store.put_file(record["name"], tmp, sha256=record["sha256"])
     finally:
         tmp.unlink(missing_ok=True)
     store.write_bytes(record["name"].replace(".tar", ".done.json"), json.dumps(record, sort_keys=True).encode())
@@ -197,7 +197,7 @@ def prep(dataset: str, src: str | os.PathLike, out_url: str, samples_per_shard: 
          ranks: Ranks | None = None, finalize_only: bool = False) -> dict[str, dict]:
     """Shard every split of `dataset` from `src` to `out_url`; return the manifests written.
 
-    ranks: this process's share of the shards (shard i goes to rank i % world).
+    ranks: this process's share of the shards (`assign_shards`).
     Under MPI every rank builds its share, all meet at a barrier, and rank 0
     writes the manifests. A Slurm array task builds its share only; a
     finalize step (`finalize_only`) then writes the manifests once every
@@ -217,18 +217,29 @@ def prep(dataset: str, src: str | os.PathLike, out_url: str, samples_per_shard: 
     if not finalize_only:
         for split, plan in plans.items():
             _check_existing(options, split, plan, out_url, overwrite)
+        owners = assign_shards({split: plan.num_samples for split, plan in plans.items()},
+                               options.samples_per_shard, ranks.world)
         for split, plan in plans.items():
-            _build_split(options, split, plan, out_url, workers, ranks, progress)
+            mine = [i for i, owner in enumerate(owners[split]) if owner == ranks.rank]
+            _build_split(options, split, plan, out_url, workers, ranks, progress, mine)
     if ranks.is_mpi and ranks.world > 1:
-        from mpi4py import MPI
-
-        MPI.COMM_WORLD.Barrier()
+        _wait_for_all_ranks()
     if ranks.rank != 0 or (ranks.launcher == "slurm-array" and not finalize_only):
         if progress and ranks.launcher == "slurm-array":
             print(f"array task {ranks.rank}/{ranks.world} done; run the same command with --finalize "
                   "once every task has finished, to write the manifests")
         return {}
     return {split: _finalize_split(options, split, plan, out_url, progress) for split, plan in plans.items()}
+
+
+def _wait_for_all_ranks() -> None:
+    """MPI barrier that sleeps while it waits: a rank done early leaves its core to the ranks still
+    decoding (MPI's own Barrier polls, a core's worth of work per waiting rank)."""
+    from mpi4py import MPI
+
+    request = MPI.COMM_WORLD.Ibarrier()
+    while not request.Test():
+        time.sleep(0.01)
 
 
 def _records(store, fingerprint: str) -> dict[int, dict]:
@@ -256,13 +267,32 @@ def _check_existing(options: PrepOptions, split: str, plan: SplitPlan, out_url: 
                 "samples per shard); pass --overwrite to replace them, or choose another --out")
 
 
+_COMMITS_IN_FLIGHT = 2
+"""Finished shards that may be on their way into the store while the next is encoded: one slow fsync
+or upload (a disk busy writing back, a slow S3 response) then does not stall the decoding."""
+
+
+def assign_shards(split_sizes: dict[str, int], samples_per_shard: int, world: int) -> dict[str, list[int]]:
+    """The rank that builds each shard of every split: each shard in turn, splits in order, goes to the
+    rank with the fewest samples so far (the lowest such rank), so ranks finish together even where a
+    split's last shard is short or a small split has fewer shards than there are ranks. Every rank
+    (and every Slurm array task) computes the same answer from the plans alone."""
+    load = [0] * world
+    owners: dict[str, list[int]] = {}
+    for split, num_samples in split_sizes.items():
+        owners[split] = []
+        for start in range(0, num_samples, samples_per_shard):
+            rank = min(range(world), key=lambda r: (load[r], r))
+            load[rank] += min(samples_per_shard, num_samples - start)
+            owners[split].append(rank)
+    return owners
+
+
 def _build_split(options: PrepOptions, split: str, plan: SplitPlan, out_url: str, workers: int,
-                 ranks: Ranks, progress: bool) -> None:
+                 ranks: Ranks, progress: bool, mine: list[int]) -> None:
     store = open_store(f"{out_url.rstrip('/')}/{split}")
     store.remove_stale_temporaries()
     records = _records(store, options.fingerprint(split, plan))
-    num_shards = math.ceil(plan.num_samples / options.samples_per_shard)
-    mine = range(ranks.rank, num_shards, ranks.world)
     todo = [i for i in mine if i not in records]
     shard_size = lambda i: min(options.samples_per_shard, plan.num_samples - i * options.samples_per_shard)  # noqa: E731
     start = time.perf_counter()
@@ -275,17 +305,17 @@ def _build_split(options: PrepOptions, split: str, plan: SplitPlan, out_url: str
         with get_context("fork").Pool(min(workers, len(jobs))) as pool:
             for i, _ in zip(todo, pool.imap(_build_shard, jobs), strict=True):
                 bar.update(shard_size(i))
-    else:  # one process: upload shard k while shard k + 1 is encoded
-        with ThreadPoolExecutor(max_workers=1) as uploader:
-            pending = None
+    else:  # one process: shards k-1 and k go into the store (fsync, upload) while shard k+1 is encoded
+        with ThreadPoolExecutor(max_workers=_COMMITS_IN_FLIGHT) as uploader:
+            pending: list = []
             for i, job in zip(todo, jobs, strict=True):
                 tmp, record = _encode_shard(job)
-                if pending is not None:
-                    pending.result()
-                pending = uploader.submit(_commit_shard, out_url, split, tmp, record)
+                if len(pending) == _COMMITS_IN_FLIGHT:
+                    pending.pop(0).result()
+                pending.append(uploader.submit(_commit_shard, out_url, split, tmp, record))
                 bar.update(shard_size(i))
-            if pending is not None:
-                pending.result()
+            for commit in pending:
+                commit.result()
     bar.close()
     if progress:
         print(f"{options.dataset}/{split}: {len(todo)} of {len(mine)} shards written this run "

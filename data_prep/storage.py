@@ -11,6 +11,7 @@ with backoff; credentials never appear in messages.
 
 from __future__ import annotations
 
+import base64
 import io
 import os
 import random
@@ -35,7 +36,7 @@ class Store(Protocol):
 
     def write_bytes(self, name: str, data: bytes) -> None: ...
 
-    def put_file(self, name: str, path: Path) -> None: ...
+    def put_file(self, name: str, path: Path, sha256: str | None = None) -> None: ...
 
     def list(self) -> list[str]: ...
 
@@ -68,7 +69,7 @@ class LocalStore:
     def write_bytes(self, name: str, data: bytes) -> None:
         self.write_with(name, lambda f: f.write(data))
 
-    def put_file(self, name: str, path: Path) -> None:
+    def put_file(self, name: str, path: Path, sha256: str | None = None) -> None:
         path = Path(path)
         if path.resolve().parent == self.root.resolve():  # our own temporary: sync and rename
             with open(path, "rb+") as f:
@@ -114,6 +115,10 @@ class Retry:
         time.sleep(delay * (0.75 + 0.5 * random.random()))
 
 
+SINGLE_PUT_BYTES = 1 << 30
+"""Files up to this size are uploaded in one PUT (S3 allows 5 GiB); larger ones in multipart parts."""
+_RESEND = {"BadDigest", "XAmzContentSHA256Mismatch", "RequestTimeout", "IncompleteBody"}
+"""4xx answers to bytes damaged or cut short on the way: sending them again can succeed."""
 _PERMANENT = {"NoSuchKey", "NoSuchBucket", "404", "AccessDenied", "403", "InvalidAccessKeyId",
               "SignatureDoesNotMatch", "PreconditionFailed", "412", "InvalidRange", "416"}
 
@@ -136,9 +141,11 @@ class S3Store:
             import boto3
             from botocore.config import Config
 
+            # checksums when the caller gives one (shards carry their SHA-256) or S3 requires one, not a
+            # CRC32 pass over every upload besides
             self._clients[os.getpid()] = boto3.client("s3", config=Config(
                 retries={"max_attempts": 2, "mode": "standard"}, connect_timeout=10, read_timeout=60,
-                max_pool_connections=16))
+                max_pool_connections=16, request_checksum_calculation="when_required"))
         return self._clients[os.getpid()]
 
     def _key(self, name: str) -> str:
@@ -146,6 +153,10 @@ class S3Store:
 
     def _fail(self, what: str, name: str, err: Exception) -> StorageError:
         code = getattr(err, "response", {}).get("Error", {}).get("Code", type(err).__name__)
+        if code in _RESEND:
+            return StorageError(f"{what} {self.url}/{name} failed after retries: {code}, the bytes did not arrive "
+                                "intact. Check the network path to the endpoint, or whether the file changed "
+                                "while it was sent.")
         return StorageError(f"{what} {self.url}/{name} failed after retries: {code}. Check the bucket, "
                             "the endpoint (AWS_ENDPOINT_URL) and the credentials (AWS_* variables or profile).")
 
@@ -162,7 +173,7 @@ class S3Store:
             except ClientError as err:
                 code = str(err.response.get("Error", {}).get("Code", ""))
                 status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 500)
-                if code in _PERMANENT or (400 <= status < 500 and status not in (408, 429)
+                if code in _PERMANENT or (400 <= status < 500 and status not in (408, 429) and code not in _RESEND
                                           and "Throttl" not in code and "SlowDown" not in code):
                     raise self._fail(what, name, err) from None
                 last = err
@@ -184,9 +195,24 @@ class S3Store:
     def write_bytes(self, name: str, data: bytes) -> None:
         self._call("PUT", name, lambda: self._client.put_object(Bucket=self.bucket, Key=self._key(name), Body=data))
 
-    def put_file(self, name: str, path: Path) -> None:
-        # multipart above 8 MiB; the object appears only when complete
-        self._call("upload of", name, lambda: self._client.upload_file(str(path), self.bucket, self._key(name)))
+    def put_file(self, name: str, path: Path, sha256: str | None = None) -> None:
+        """Upload a file; the object appears only when complete.
+
+        Up to SINGLE_PUT_BYTES one PUT, carrying the file's SHA-256 when the
+        caller has it (a shard's, computed as it was written), which S3
+        checks on arrival: no second pass over the bytes for a checksum.
+        Larger files go up in parallel multipart parts.
+        """
+        path = Path(path)
+        if path.stat().st_size > SINGLE_PUT_BYTES:
+            self._call("upload of", name, lambda: self._client.upload_file(str(path), self.bucket, self._key(name)))
+            return
+        extra = {"ChecksumSHA256": base64.b64encode(bytes.fromhex(sha256)).decode()} if sha256 else {}
+
+        def put():
+            with open(path, "rb") as body:
+                self._client.put_object(Bucket=self.bucket, Key=self._key(name), Body=body, **extra)
+        self._call("upload of", name, put)
 
     def open_reader(self, name: str, retry: Retry | None = None, start: int = 0,
                     end: int | None = None) -> "S3Reader":

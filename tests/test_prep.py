@@ -161,3 +161,19 @@ def test_s3_errors_name_the_object_not_the_credentials(s3_server, tmp_path, cifa
     with pytest.raises(StorageError, match=r"s3://no-such-bucket-here/x/train.*AWS_ENDPOINT_URL") as info:
         prep("cifar10", src, "s3://no-such-bucket-here/x", progress=False)
     assert "Sekr1t" not in str(info.value) and "AKIDMUSTNOTLEAK" not in str(info.value)
+
+
+def test_s3_checks_an_upload_against_the_sha256_given(s3_server, bucket, tmp_path):
+    import hashlib
+
+    from data_prep.storage import Retry, open_store
+
+    store = open_store(f"s3://{bucket}/checked")
+    store.retry = Retry(attempts=2, backoff=0.01)
+    path = tmp_path / "shard.tar"
+    path.write_bytes(b"samples" * 1000)
+    store.put_file("good.tar", path, sha256=hashlib.sha256(path.read_bytes()).hexdigest())
+    assert store.read_bytes("good.tar") == path.read_bytes()
+    with pytest.raises(StorageError, match=r"checked/bad.tar failed after retries: BadDigest, the bytes did not"):
+        store.put_file("bad.tar", path, sha256=hashlib.sha256(b"other bytes").hexdigest())
+    assert store.list() == ["good.tar"]  # nothing stored under the name

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 
-from data_prep.prep import prep
+from data_prep.prep import assign_shards, prep
 from pipeline.environment import Ranks, detect_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,6 +34,20 @@ def test_rank_detection():
     assert detect_ranks({"SLURM_PROCID": "3", "SLURM_NTASKS": "4"}) == Ranks(3, 4, "slurm")
     assert detect_ranks({"RANK": "0", "WORLD_SIZE": "2"}) == Ranks(0, 2, "env")
     assert detect_ranks({}) == Ranks(0, 1, "single")
+
+
+def test_shards_are_shared_by_sample_count_across_splits():
+    # ffhq256-like: train's last shard short, valid one shard; i % world per split gave rank 0 94 of 160
+    owners = assign_shards({"train": 146, "valid": 14}, 16, 2)
+    assert owners == {"train": [0, 1, 0, 1, 0, 1, 0, 1, 0, 1], "valid": [1]}
+    sizes = {"train": [16] * 9 + [2], "valid": [14]}
+    load = [sum(n for split in owners for n, r in zip(sizes[split], owners[split], strict=True) if r == rank)
+            for rank in (0, 1)]
+    assert load == [80, 80]
+    # every shard once, whatever the world size; one rank takes all
+    assert assign_shards({"train": 100, "valid": 7}, 10, 1) == {"train": [0] * 10, "valid": [0]}
+    many = assign_shards({"train": 95, "valid": 30}, 10, 4)
+    assert [len(v) for v in many.values()] == [10, 3] and set(many["train"] + many["valid"]) == {0, 1, 2, 3}
 
 
 def test_two_mpi_ranks_to_s3_equal_one_process(cifar_src, tmp_path, bucket, s3_server):
@@ -66,7 +80,11 @@ def test_slurm_array_tasks_then_finalize(cifar_src, tmp_path):
         assert "--finalize" in out.stdout
     assert not (tmp_path / "arr" / "valid" / "manifest.json").exists()
     early = subprocess.run([*cmd, "--finalize"], env=env_with(), capture_output=True, text=True)
-    assert early.returncode == 2 and "shards are not complete" in early.stderr and "valid-000001.tar" in early.stderr
+    sizes = {split: json.loads((tmp_path / "one" / split / "manifest.json").read_text())["num_samples"]
+             for split in ("train", "valid", "test")}
+    task_2 = [i for i, rank in enumerate(assign_shards(sizes, 700, 3)["valid"]) if rank == 1]
+    assert early.returncode == 2 and "shards are not complete" in early.stderr
+    assert f"{len(task_2)} of" in early.stderr and f"valid-{task_2[0]:06d}.tar" in early.stderr
     assert subprocess.run(cmd, env=env_with(SLURM_ARRAY_TASK_ID="2", **array)).returncode == 0
     assert subprocess.run([*cmd, "--finalize"], env=env_with(), capture_output=True).returncode == 0
     for split in ("train", "valid", "test"):

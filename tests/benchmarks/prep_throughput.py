@@ -13,7 +13,9 @@ reports images/s per process for ffhq1024 and ffhq256:
 Each run's start-up (interpreter, imports, source scan, launcher) is
 measured on a one-image source and subtracted. Every timing is the median
 of --repeats runs (the bare loop's too), as the server shares the same
-cores. Prints one JSON line per dataset.
+cores; before each, the page cache's written data goes to disk (sync), so
+that no run pays for an earlier one's writeback. Prints one JSON line per
+dataset.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ def make_fixtures(folder: Path, count: int) -> list[Path]:
 
 
 def bare(paths: list[Path], dataset: str) -> float:
+    os.sync()
     start = time.perf_counter()
     for path in paths:
         data = path.read_bytes()
@@ -74,6 +77,7 @@ def run_prep(dataset: str, src: Path, out: str, env: dict, mpi: int = 0, samples
            "--samples-per-shard", str(samples_per_shard)]
     if mpi:
         cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-n", str(mpi), *cmd]
+    os.sync()  # earlier runs' written shards go to disk now, not during this run
     start = time.perf_counter()
     subprocess.run(cmd, env=env, check=True, capture_output=True)
     return time.perf_counter() - start
@@ -111,8 +115,8 @@ def main() -> None:
                 startup_s3 = timed(one, f"s3://bench/startup-{dataset}", s3_env)
                 startup_mpi = timed(one, str(tmp / f"startup-mpi-{dataset}"), env, mpi=2)
                 local = timed(tmp / "src", str(tmp / f"local-{dataset}"), env) - startup
-                s3 = timed(tmp / "src", f"s3://bench/{dataset}", s3_env) - startup_s3
                 two = timed(tmp / "src", str(tmp / f"ranks-{dataset}"), env, mpi=2) - startup_mpi
+                s3 = timed(tmp / "src", f"s3://bench/{dataset}", s3_env) - startup_s3
                 n = len(paths) - 1  # images beyond the start-up runs' one
 
                 def rate(seconds: float, n: int = n) -> float:
