@@ -91,8 +91,12 @@ def main() -> None:
     args = parser.parse_args()
     spp = args.samples_per_shard
 
-    def median(measure) -> float:
-        return float(np.median([measure() for _ in range(args.repeats)]))
+    every: dict[str, list[float]] = {}  # each run's seconds, by what was measured
+
+    def median(measure, what: str = "") -> float:
+        times = [measure() for _ in range(args.repeats)]
+        every.setdefault(what, []).extend(round(t, 2) for t in times)
+        return float(np.median(times))
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -110,7 +114,8 @@ def main() -> None:
                 runs = iter(range(10**6))  # a fresh output for every run
 
                 def timed(src, out, environ, mpi=0, dataset=dataset, runs=runs):
-                    return median(lambda: run_prep(dataset, src, f"{out}-{next(runs)}", environ, mpi, spp))
+                    return median(lambda: run_prep(dataset, src, f"{out}-{next(runs)}", environ, mpi, spp),
+                                  f"{dataset} {'s3 ' if out.startswith('s3://') else ''}{Path(out).name}")
                 startup = timed(one, str(tmp / f"startup-{dataset}"), env)
                 startup_s3 = timed(one, f"s3://bench/startup-{dataset}", s3_env)
                 startup_mpi = timed(one, str(tmp / f"startup-mpi-{dataset}"), env, mpi=2)
@@ -132,6 +137,7 @@ def main() -> None:
                     "s3_over_local": round(rate(s3) / rate(local), 3),
                     "two_ranks_speedup": round(rate(two) / rate(local), 3),
                     "startup_s": [round(startup, 2), round(startup_s3, 2), round(startup_mpi, 2)],
+                    "runs_s": {k.split(" ", 1)[1]: v for k, v in every.items() if k.startswith(dataset + " ")},
                 }), flush=True)
         finally:
             server.stop()
