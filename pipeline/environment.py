@@ -31,6 +31,8 @@ def detect_ranks(env: dict[str, str] | None = None) -> Ranks:
                                ("PMIX_RANK", "PMIX_SIZE")):
         if get(rank_var) is not None and get(size_var) is not None:
             return Ranks(get(rank_var), get(size_var), "mpi")
+    if get("PMIX_RANK") is not None and get("SLURM_NTASKS") is not None:  # srun --mpi=pmix sets no PMIX_SIZE
+        return Ranks(get("PMIX_RANK"), get("SLURM_NTASKS"), "mpi")
     if get("SLURM_ARRAY_TASK_ID") is not None and get("SLURM_ARRAY_TASK_COUNT") is not None:
         first = get("SLURM_ARRAY_TASK_MIN") or 0
         return Ranks(get("SLURM_ARRAY_TASK_ID") - first, get("SLURM_ARRAY_TASK_COUNT"), "slurm-array")

@@ -214,8 +214,16 @@ PartitionName=test Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE Sta
         self._procs.append(subprocess.Popen(["/usr/sbin/slurmctld", "-D", "-i", "-f", str(self.conf)],
                                             env=env, stdout=log, stderr=subprocess.STDOUT))
         for n in self.nodes:
-            self._procs.append(subprocess.Popen(["/usr/sbin/slurmd", "-D", "-N", n, "-f", str(self.conf)],
-                                                env=env, stdout=log, stderr=subprocess.STDOUT))
+            # Each node reads its own copy of slurm.conf, beside an mpi.conf of its own: PMIx's per-step
+            # client folder is named by job and step only, so two nodes on one host need separate bases.
+            node_conf = self.root / f"conf-{n}" / "slurm.conf"
+            node_conf.parent.mkdir(exist_ok=True)
+            node_conf.write_text(self.conf.read_text())
+            (self.root / "pmix" / n).mkdir(parents=True, exist_ok=True)
+            (node_conf.parent / "mpi.conf").write_text(f"PMIxCliTmpDirBase={self.root}/pmix/{n}\n")
+            self._procs.append(subprocess.Popen(["/usr/sbin/slurmd", "-D", "-N", n, "-f", str(node_conf)],
+                                                env={**env, "SLURM_CONF": str(node_conf)}, stdout=log,
+                                                stderr=subprocess.STDOUT))
         deadline = time.time() + timeout
         while True:
             out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], env=env, capture_output=True, text=True)

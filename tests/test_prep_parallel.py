@@ -32,6 +32,8 @@ def test_rank_detection():
                          "SLURM_ARRAY_TASK_COUNT": "3", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}) == \
         Ranks(1, 3, "slurm-array")
     assert detect_ranks({"SLURM_PROCID": "3", "SLURM_NTASKS": "4"}) == Ranks(3, 4, "slurm")
+    # srun --mpi=pmix: MPI ranks (PMIx gives the rank, Slurm the size)
+    assert detect_ranks({"PMIX_RANK": "1", "SLURM_PROCID": "1", "SLURM_NTASKS": "2"}) == Ranks(1, 2, "mpi")
     assert detect_ranks({"RANK": "0", "WORLD_SIZE": "2"}) == Ranks(0, 2, "env")
     assert detect_ranks({}) == Ranks(0, 1, "single")
 

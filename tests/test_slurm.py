@@ -237,3 +237,28 @@ def test_prep_as_an_array_job_then_finalize_through_submit(slurm, env, s3_server
     for shard in manifest["shards"]:
         body = client.get_object(Bucket=bucket, Key=f"photos8/train/{shard['name']}")["Body"].read()
         assert body == (local / "train" / shard["name"]).read_bytes()
+
+
+def test_prep_as_mpi_ranks_started_by_srun_pmix_through_submit(slurm, env, s3_server, bucket, tmp_path):
+    """`--launcher srun`: one task per node, MPI through Slurm's PMIx; the shards as one process makes."""
+    src = gradient_photos(tmp_path / "photos")
+    data = f"s3://{bucket}/photos8"
+    out = vdvae(env, tmp_path, "submit", "prep", "folder", "--src", str(src), "--out", data, "--ranks", "2",
+                "--launcher", "srun", "--resolution", "8", "--num-valid", "8", "--samples-per-shard", "16",
+                "--log-dir", "logs")
+    job = job_id(out)
+    info = slurm.wait(job, ("COMPLETED", "FAILED", "CANCELLED"), 300)
+    log = (tmp_path / "logs" / f"prep-{job}.out").read_text()
+    assert info["JobState"] == "COMPLETED", log[-3000:]
+    # two MPI ranks (rank 0 shows the progress); two lone Slurm tasks would have been refused
+    assert "rank 0/2" in log and "--finalize" not in log
+    client = s3_server["client"]
+    local = tmp_path / "local"
+    vdvae(env, tmp_path, "prep", "folder", "--src", str(src), "--out", str(local), "--resolution", "8",
+          "--num-valid", "8", "--samples-per-shard", "16")
+    for split in ("train", "valid"):
+        manifest = client.get_object(Bucket=bucket, Key=f"photos8/{split}/manifest.json")["Body"].read()
+        assert manifest == (local / split / "manifest.json").read_bytes()
+        for shard in json.loads(manifest)["shards"]:
+            body = client.get_object(Bucket=bucket, Key=f"photos8/{split}/{shard['name']}")["Body"].read()
+            assert body == (local / split / shard["name"]).read_bytes()
