@@ -48,6 +48,9 @@ DATASET_BITS = {"cifar10": 8, "imagenet32": 8, "imagenet64": 8, "ffhq256": 5, "f
 # Samples per shard by default: shards of roughly 50-300 MB.
 DEFAULT_SAMPLES_PER_SHARD = {"cifar10": 10000, "imagenet32": 10000, "imagenet64": 4000,
                              "ffhq256": 1000, "ffhq1024": 200, "folder": 1000}
+_COMMITS_IN_FLIGHT = 2
+"""Finished shards that may be on their way into the store while the next is encoded: one slow fsync
+or upload (a disk busy writing back, a slow S3 response) then does not stall the decoding."""
 
 
 @dataclass(frozen=True)
@@ -265,11 +268,6 @@ def _check_existing(options: PrepOptions, split: str, plan: SplitPlan, out_url: 
             raise SourceError(
                 f"{store.url} holds shards made with other options (dataset, split or "
                 "samples per shard); pass --overwrite to replace them, or choose another --out")
-
-
-_COMMITS_IN_FLIGHT = 2
-"""Finished shards that may be on their way into the store while the next is encoded: one slow fsync
-or upload (a disk busy writing back, a slow S3 response) then does not stall the decoding."""
 
 
 def assign_shards(split_sizes: dict[str, int], samples_per_shard: int, world: int) -> dict[str, list[int]]:
