@@ -67,12 +67,8 @@ class ShardWriter:
     def _member(self, name: str, data: bytes) -> None:
         info, _ = _member(name, data)
         header = info.tobuf(format=tarfile.USTAR_FORMAT, encoding="utf-8", errors="surrogateescape")
-        padding = tarfile.NUL * (-len(data) % tarfile.BLOCKSIZE)
-        if len(data) < 1 << 16:  # one write for small members; an image's bytes are not copied again
-            self._write(b"".join((header, data, padding)))
-        else:
-            for part in (header, data, padding):
-                self._write(part)
+        for part in (header, data, tarfile.NUL * (-len(data) % tarfile.BLOCKSIZE)):  # no joined copy
+            self._write(part)
 
     def add(self, s: Sample) -> None:
         self.offsets.append(self._offset)

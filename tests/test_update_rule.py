@@ -39,9 +39,10 @@ def test_update_rule_and_ema(stage, free_port):
         assert r["ema_changed"] == [True, False, False, True]
     assert [str(n) for n in ranks[0]["norms"][1:2]] == [str(n) for n in ranks[1]["norms"][1:2]]  # every rank agrees
     assert ranks[0]["norms"][::2] == pytest.approx(ranks[1]["norms"][::2])
-    if stage > 0:  # fp16's dynamic scale: halved by the NaN (an overflow), kept by the threshold skip
+    if stage > 0:
+        # fp16's dynamic scale: halved by the NaN (an overflow), kept by the threshold skip
         assert all(r["loss_scale"] == [1.0, 0.5, 0.5, 0.5] for r in ranks), [r["loss_scale"] for r in ranks]
-    if stage > 0:  # each rank averages its own share of the fp32 master only
+        # each rank averages its own share of the fp32 master only
         assert all(r["ema_numel"] <= r["model_numel"] / 2 + 2000 for r in ranks)
         assert sum(r["ema_numel"] for r in ranks) >= ranks[0]["model_numel"]
     else:

@@ -96,7 +96,7 @@ def worker(args) -> None:
     after_step = persistent_tensor_bytes()
     result = {"stage": args.stage, "images_per_s_per_rank": args.batch / float(np.median(times)),
               "after_backward_bytes": after_backward, "after_step_bytes": after_step,
-              "persistent_bytes": max(after_backward, after_step)}
+              "state_bytes": max(after_backward, after_step)}
     if args.stage > 0:  # the same steps without the rule's skip check and without EMA
         name = "scaled_global_norm" if args.stage in (1, 2) else "_get_norm_groups"
         hooked = getattr(engine.optimizer, name)
@@ -157,10 +157,10 @@ def main() -> None:
     for stage, r in results.items():
         line = {"preset": args.preset, "ranks": 2, "batch_per_rank": args.batch, "stage": stage,
                 "images_per_s": round(2 * r["images_per_s_per_rank"], 3),
-                "state_gb_per_rank": round(r["persistent_bytes"] / 2**30, 3),
+                "state_gb_per_rank": round(r["state_bytes"] / 2**30, 3),
                 "after_backward_gb": round(r["after_backward_bytes"] / 2**30, 3),
                 "after_step_gb": round(r["after_step_bytes"] / 2**30, 3),
-                "state_over_stage0": round(r["persistent_bytes"] / results[0]["persistent_bytes"], 3)
+                "state_over_stage0": round(r["state_bytes"] / results[0]["state_bytes"], 3)
                 if 0 in results else None}
         if "paper_step_s" in r:
             line.update(paper_step_s=round(r["paper_step_s"], 3), plain_step_s=round(r["plain_step_s"], 3),
