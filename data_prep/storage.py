@@ -128,25 +128,37 @@ class S3Store:
         self.bucket, self.prefix = bucket, prefix.strip("/")
         self.retry = retry or Retry()
         self.url = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
-        self._clients: dict[int, object] = {}
+        self._clients: dict[tuple[int, bool], object] = {}
 
-    @property
-    def _client(self):
-        """One boto3 client per process (clients do not survive fork).
+    def _new_client(self, sign_payload: bool):
+        """One boto3 client per process and kind (clients do not survive fork).
 
         botocore retries once; `_call` and `S3Reader` (which resumes from
         the byte it reached) retry with `Retry`'s longer backoff.
         """
-        if os.getpid() not in self._clients:
+        key = (os.getpid(), sign_payload)
+        if key not in self._clients:
             import boto3
             from botocore.config import Config
 
             # checksums when the caller gives one (shards carry their SHA-256) or S3 requires one, not a
             # CRC32 pass over every upload besides
-            self._clients[os.getpid()] = boto3.client("s3", config=Config(
+            self._clients[key] = boto3.client("s3", config=Config(
                 retries={"max_attempts": 2, "mode": "standard"}, connect_timeout=10, read_timeout=60,
-                max_pool_connections=16, request_checksum_calculation="when_required"))
-        return self._clients[os.getpid()]
+                max_pool_connections=16, request_checksum_calculation="when_required",
+                s3=None if sign_payload else {"payload_signing_enabled": False}))
+        return self._clients[key]
+
+    @property
+    def _client(self):
+        return self._new_client(sign_payload=True)
+
+    @property
+    def _checksummed_client(self):
+        """For a PUT whose body's SHA-256 travels in the signed `x-amz-checksum-sha256` header, which S3
+        checks: the signature binds the body through that header, so the client does not hash the body
+        again for the signature (botocore otherwise does over http, a second SHA-256 pass per shard)."""
+        return self._new_client(sign_payload=False)
 
     def _key(self, name: str) -> str:
         return f"{self.prefix}/{name}" if self.prefix else name
@@ -200,7 +212,8 @@ class S3Store:
 
         Up to SINGLE_PUT_BYTES one PUT, carrying the file's SHA-256 when the
         caller has it (a shard's, computed as it was written), which S3
-        checks on arrival: no second pass over the bytes for a checksum.
+        checks on arrival: no second pass over the bytes, neither for a
+        checksum nor for the request's signature.
         Larger files go up in parallel multipart parts.
         """
         path = Path(path)
@@ -208,10 +221,11 @@ class S3Store:
             self._call("upload of", name, lambda: self._client.upload_file(str(path), self.bucket, self._key(name)))
             return
         extra = {"ChecksumSHA256": base64.b64encode(bytes.fromhex(sha256)).decode()} if sha256 else {}
+        client = self._checksummed_client if sha256 else self._client
 
         def put():
             with open(path, "rb") as body:
-                self._client.put_object(Bucket=self.bucket, Key=self._key(name), Body=body, **extra)
+                client.put_object(Bucket=self.bucket, Key=self._key(name), Body=body, **extra)
         self._call("upload of", name, put)
 
     def open_reader(self, name: str, retry: Retry | None = None, start: int = 0,

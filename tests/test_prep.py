@@ -172,8 +172,14 @@ def test_s3_checks_an_upload_against_the_sha256_given(s3_server, bucket, tmp_pat
     store.retry = Retry(attempts=2, backoff=0.01)
     path = tmp_path / "shard.tar"
     path.write_bytes(b"samples" * 1000)
+    sent = []
+    store._checksummed_client.meta.events.register("before-send.s3.PutObject", lambda request, **_: sent.append(
+        request.headers))
     store.put_file("good.tar", path, sha256=hashlib.sha256(path.read_bytes()).hexdigest())
     assert store.read_bytes("good.tar") == path.read_bytes()
+    # the body's SHA-256 is in a signed header, so the signature need not hash the body again
+    signed = sent[0]["Authorization"].decode().split("SignedHeaders=")[1].split(",")[0].split(";")
+    assert "x-amz-checksum-sha256" in signed and sent[0]["X-Amz-Content-SHA256"] == b"UNSIGNED-PAYLOAD"
     with pytest.raises(StorageError, match=r"checked/bad.tar failed after retries: BadDigest, the bytes did not"):
         store.put_file("bad.tar", path, sha256=hashlib.sha256(b"other bytes").hexdigest())
     assert store.list() == ["good.tar"]  # nothing stored under the name

@@ -8,14 +8,22 @@ reports images/s per process for ffhq1024 and ffhq256:
   - bare: the same work in a plain loop (ffhq1024: read + decode + check;
     ffhq256: read + decode + resize + PNG encode), no shards;
   - local: `vdvae prep` to a local folder, one process;
-  - s3: `vdvae prep` to a local SeaweedFS S3 server, one process;
-  - ranks: `mpirun -n 2` to the local folder; its speedup over one process.
+  - s3: `vdvae prep` to a local SeaweedFS S3 server, one process, the
+    server sharing the machine's cores with it;
+  - s3 apart: prep held to core 0 and the server to core 1, as an object
+    store on another host would be, beside a local run held to core 0
+    (`s3_over_local_server_apart`);
+  - ranks: `mpirun -n 2` to the local folder; its speedup over one process
+    (`two_ranks_speedup`) and over `mpirun -n 1` (`two_ranks_over_one_rank`:
+    each rank bound to one core, so one rank's helper thread shares its
+    core as every rank's does on a full node).
 Each run's start-up (interpreter, imports, source scan, launcher) is
-measured on a one-image source and subtracted. Every timing is the median
-of --repeats runs (the bare loop's too), as the server shares the same
-cores; before each, the page cache's written data goes to disk (sync), so
-that no run pays for an earlier one's writeback. Prints one JSON line per
-dataset.
+measured on a one-image source and subtracted. Each repeat runs every
+configuration once, in turn, so that the machine's drift reaches all of
+them alike; every timing is the median over --repeats (the bare loop's
+too). Before each run, the page cache's written data goes to disk (sync),
+so that no run pays for an earlier one's writeback. Prints one JSON line
+per dataset.
 """
 
 from __future__ import annotations
@@ -72,15 +80,23 @@ def bare(paths: list[Path], dataset: str) -> float:
     return len(paths) / (time.perf_counter() - start)
 
 
-def run_prep(dataset: str, src: Path, out: str, env: dict, mpi: int = 0, samples_per_shard: int = 4) -> float:
+def run_prep(dataset: str, src: Path, out: str, env: dict, mpi: int = 0, samples_per_shard: int = 4,
+             core: int | None = None) -> float:
     cmd = [sys.executable, "-m", "pipeline.cli", "prep", dataset, "--src", str(src), "--out", out,
            "--samples-per-shard", str(samples_per_shard)]
     if mpi:
-        cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-n", str(mpi), *cmd]
+        cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "--bind-to", "core", "-n", str(mpi), *cmd]
+    if core is not None:
+        cmd = ["taskset", "-c", str(core), *cmd]
     os.sync()  # earlier runs' written shards go to disk now, not during this run
     start = time.perf_counter()
     subprocess.run(cmd, env=env, check=True, capture_output=True)
     return time.perf_counter() - start
+
+
+def pin(pid: int, cores: str) -> None:
+    """Hold every thread of a running process to `cores` (threads it starts later inherit it)."""
+    subprocess.run(["taskset", "-a", "-p", "-c", cores, str(pid)], check=True, capture_output=True)
 
 
 def main() -> None:
@@ -90,54 +106,63 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     spp = args.samples_per_shard
+    if len(os.sched_getaffinity(0)) < 2:
+        parser.error("needs at least 2 cores: the 2-rank and server-apart runs hold work to cores 0 and 1")
 
-    every: dict[str, list[float]] = {}  # each run's seconds, by what was measured
-
-    def median(measure, what: str = "") -> float:
-        times = [measure() for _ in range(args.repeats)]
-        every.setdefault(what, []).extend(round(t, 2) for t in times)
-        return float(np.median(times))
     env = dict(os.environ, PYTHONPATH=str(ROOT))
+    every_core = ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         paths = make_fixtures(tmp / "src", args.images)
         server = SeaweedFS(tmp / "weed")
         server.client().create_bucket(Bucket="bench")
         s3_env = dict(env, **server.env)
+        runs = iter(range(10**6))  # a fresh output for every run
         try:
-            # start-up cost (interpreter, imports, source scan) measured on a single image
+            # start-up cost (interpreter, imports, source scan, launcher) measured on a single image
             one = tmp / "one"
             (one / "images1024x1024" / "00000").mkdir(parents=True)
             os.link(paths[0], one / "images1024x1024" / "00000" / "00000.png")
             for dataset in ("ffhq1024", "ffhq256"):
-                bare_rate = median(lambda dataset=dataset: bare(paths, dataset))
-                runs = iter(range(10**6))  # a fresh output for every run
-
-                def timed(src, out, environ, mpi=0, dataset=dataset, runs=runs):
-                    return median(lambda: run_prep(dataset, src, f"{out}-{next(runs)}", environ, mpi, spp),
-                                  f"{dataset} {'s3 ' if out.startswith('s3://') else ''}{Path(out).name}")
-                startup = timed(one, str(tmp / f"startup-{dataset}"), env)
-                startup_s3 = timed(one, f"s3://bench/startup-{dataset}", s3_env)
-                startup_mpi = timed(one, str(tmp / f"startup-mpi-{dataset}"), env, mpi=2)
-                local = timed(tmp / "src", str(tmp / f"local-{dataset}"), env) - startup
-                two = timed(tmp / "src", str(tmp / f"ranks-{dataset}"), env, mpi=2) - startup_mpi
-                s3 = timed(tmp / "src", f"s3://bench/{dataset}", s3_env) - startup_s3
+                # name -> (output, environment, mpirun ranks, core the prep is held to, server held to core 1)
+                configs = {"local": (str(tmp / "local"), env, 0, None, False),
+                           "s3": ("s3://bench/shared", s3_env, 0, None, False),
+                           "local core0": (str(tmp / "local-core0"), env, 0, 0, False),
+                           "s3 apart": ("s3://bench/apart", s3_env, 0, 0, True),
+                           "1 rank": (str(tmp / "rank"), env, 1, None, False),
+                           "2 ranks": (str(tmp / "ranks"), env, 2, None, False)}
+                times: dict[str, list[float]] = {}
+                bare_rates = []
+                for _ in range(args.repeats):
+                    bare_rates.append(bare(paths, dataset))
+                    for name, (out, environ, mpi, core, apart) in configs.items():
+                        if apart:
+                            pin(server.proc.pid, "1")
+                        try:
+                            for src, what in ((one, "startup"), (tmp / "src", "run")):
+                                seconds = run_prep(dataset, src, f"{out}-{next(runs)}", environ, mpi, spp, core)
+                                times.setdefault(f"{name} {what}", []).append(seconds)
+                        finally:
+                            if apart:
+                                pin(server.proc.pid, every_core)
+                median = {k: float(np.median(v)) for k, v in times.items()}
                 n = len(paths) - 1  # images beyond the start-up runs' one
-
-                def rate(seconds: float, n: int = n) -> float:
-                    return n / max(seconds, 1e-9)
+                rate = {name: n / max(median[f"{name} run"] - median[f"{name} startup"], 1e-9) for name in configs}
+                bare_rate = float(np.median(bare_rates))
                 print(json.dumps({
                     "dataset": dataset, "images": len(paths), "samples_per_shard": spp,
                     "repeats": args.repeats,
                     "bare_images_per_s": round(bare_rate, 2),
-                    "local_images_per_s": round(rate(local), 2),
-                    "s3_images_per_s": round(rate(s3), 2),
-                    "two_ranks_images_per_s": round(rate(two), 2),
-                    "local_over_bare": round(rate(local) / bare_rate, 3),
-                    "s3_over_local": round(rate(s3) / rate(local), 3),
-                    "two_ranks_speedup": round(rate(two) / rate(local), 3),
-                    "startup_s": [round(startup, 2), round(startup_s3, 2), round(startup_mpi, 2)],
-                    "runs_s": {k.split(" ", 1)[1]: v for k, v in every.items() if k.startswith(dataset + " ")},
+                    "local_images_per_s": round(rate["local"], 2),
+                    "s3_images_per_s": round(rate["s3"], 2),
+                    "two_ranks_images_per_s": round(rate["2 ranks"], 2),
+                    "local_over_bare": round(rate["local"] / bare_rate, 3),
+                    "s3_over_local": round(rate["s3"] / rate["local"], 3),
+                    "s3_over_local_server_apart": round(rate["s3 apart"] / rate["local core0"], 3),
+                    "two_ranks_speedup": round(rate["2 ranks"] / rate["local"], 3),
+                    "two_ranks_over_one_rank": round(rate["2 ranks"] / rate["1 rank"], 3),
+                    "images_per_s": {name: round(r, 2) for name, r in rate.items()},
+                    "runs_s": {k: [round(t, 2) for t in v] for k, v in times.items()},
                 }), flush=True)
         finally:
             server.stop()
