@@ -18,6 +18,7 @@ import random
 import shutil
 import socket
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,6 +124,11 @@ _PERMANENT = {"NoSuchKey", "NoSuchBucket", "404", "AccessDenied", "403", "Invali
               "SignatureDoesNotMatch", "PreconditionFailed", "412", "InvalidRange", "416"}
 
 
+_CLIENTS_LOCK = threading.Lock()
+"""boto3's default session, which makes the clients, is not safe to use from two threads at once."""
+os.register_at_fork(after_in_child=lambda: globals().update(_CLIENTS_LOCK=threading.Lock()))  # held by no one
+
+
 class S3Store:
     def __init__(self, bucket: str, prefix: str, retry: Retry | None = None):
         self.bucket, self.prefix = bucket, prefix.strip("/")
@@ -137,17 +143,20 @@ class S3Store:
         the byte it reached) retry with `Retry`'s longer backoff.
         """
         key = (os.getpid(), sign_payload)
-        if key not in self._clients:
-            import boto3
-            from botocore.config import Config
+        with _CLIENTS_LOCK:
+            return self._clients.get(key) or self._clients.setdefault(key, self._make_client(sign_payload))
 
-            # checksums when the caller gives one (shards carry their SHA-256) or S3 requires one, not a
-            # CRC32 pass over every upload besides
-            self._clients[key] = boto3.client("s3", config=Config(
-                retries={"max_attempts": 2, "mode": "standard"}, connect_timeout=10, read_timeout=60,
-                max_pool_connections=16, request_checksum_calculation="when_required",
-                s3=None if sign_payload else {"payload_signing_enabled": False}))
-        return self._clients[key]
+    @staticmethod
+    def _make_client(sign_payload: bool):
+        import boto3
+        from botocore.config import Config
+
+        # checksums when the caller gives one (shards carry their SHA-256) or S3 requires one, not a
+        # CRC32 pass over every upload besides
+        return boto3.client("s3", config=Config(
+            retries={"max_attempts": 2, "mode": "standard"}, connect_timeout=10, read_timeout=60,
+            max_pool_connections=16, request_checksum_calculation="when_required",
+            s3=None if sign_payload else {"payload_signing_enabled": False}))
 
     @property
     def _client(self):
