@@ -30,7 +30,7 @@ from tqdm import tqdm
 from . import cifar10, ffhq, folder, imagenet
 from .shards import Sample, ShardWriter
 from .source import Rejected, SourceError, SplitPlan
-from .storage import open_store, temporary_name
+from .storage import ObjectWriter, open_store
 from pipeline.environment import Ranks
 
 FORMAT = "vdvae-shards/2"  # 2: shards list their samples' byte offsets
@@ -100,10 +100,11 @@ def _shard_name(split: str, index: int) -> str:
 _PLANS: dict[str, SplitPlan] = {}
 
 
-def _encode_shard(args) -> tuple[Path, dict]:
-    """Read, check and encode one shard into a local temporary tar, sample by sample.
+def _encode_shard(args) -> tuple[ObjectWriter, dict]:
+    """Read, check and encode one shard, sample by sample, into the store's writer for it (a hidden
+    local file, or an S3 upload in progress): visible under its name only when committed.
 
-    Returns the tar and its record (see _commit_shard).
+    Returns the writer and the shard's record (see _commit_shard).
     """
     out_url, options, split, index = args
     plan = _PLANS[split]
@@ -112,8 +113,8 @@ def _encode_shard(args) -> tuple[Path, dict]:
     stop = min(start + options.samples_per_shard, plan.num_samples)
     rejections = []
     name = _shard_name(split, index)
-    tmp = store.scratch_dir() / temporary_name(f"{name}-encoded")
-    writer = _BackgroundWriter(tmp)
+    sink = store.open_writer(name)
+    writer = _BackgroundWriter(sink)
     try:
         for i in range(start, stop):
             try:
@@ -129,12 +130,12 @@ def _encode_shard(args) -> tuple[Path, dict]:
         histogram, shard = writer.close()
     except BaseException:
         writer.close(abandon=True)
-        tmp.unlink(missing_ok=True)
+        sink.abort()
         raise
     record = {"fingerprint": options.fingerprint(split, plan), "name": name, "count": shard.count,
               "bytes": shard.size, "sha256": shard.sha256, "offsets": shard.offsets,
               "histogram": histogram.tolist(), "rejections": rejections}
-    return tmp, record
+    return sink, record
 
 
 class _BackgroundWriter:
@@ -144,8 +145,8 @@ class _BackgroundWriter:
     queue keeps memory to a few samples.
     """
 
-    def __init__(self, path: Path, depth: int = 8):
-        self._writer = ShardWriter(path)
+    def __init__(self, out: ObjectWriter, depth: int = 8):
+        self._writer = ShardWriter(out)
         self._histogram = np.zeros((3, 256), dtype=np.int64)  # per channel: exact mean and std
         self._queue: queue.Queue = queue.Queue(depth)
         self._error: BaseException | None = None
@@ -177,21 +178,23 @@ class _BackgroundWriter:
         return self._histogram, self._writer
 
 
-def _commit_shard(out_url: str, split: str, tmp: Path, record: dict) -> dict:
-    """Put the finished tar in the store under its name, then its record (the commit)."""
-    store = open_store(f"{out_url.rstrip('/')}/{split}")
+def _commit_shard(out_url: str, split: str, sink: ObjectWriter, record: dict) -> dict:
+    """Make the finished tar visible under its name (S3 checks its SHA-256 or its parts' CRC32s), then
+    write its record (the commit)."""
     try:
-        store.put_file(record["name"], tmp, sha256=record["sha256"])
-    finally:
-        tmp.unlink(missing_ok=True)
+        sink.commit(sha256=record["sha256"])
+    except BaseException:
+        sink.abort()
+        raise
+    store = open_store(f"{out_url.rstrip('/')}/{split}")
     store.write_bytes(record["name"].replace(".tar", ".done.json"), json.dumps(record, sort_keys=True).encode())
     return record
 
 
 def _build_shard(args) -> dict:
     """Encode and commit one shard (a worker process's unit of work)."""
-    tmp, record = _encode_shard(args)
-    return _commit_shard(args[0], args[2], tmp, record)
+    sink, record = _encode_shard(args)
+    return _commit_shard(args[0], args[2], sink, record)
 
 
 def prep(dataset: str, src: str | os.PathLike, out_url: str, samples_per_shard: int | None = None,
@@ -289,9 +292,9 @@ def assign_shards(split_sizes: dict[str, int], samples_per_shard: int, world: in
 def _build_split(options: PrepOptions, split: str, plan: SplitPlan, out_url: str, workers: int,
                  ranks: Ranks, progress: bool, mine: list[int]) -> None:
     store = open_store(f"{out_url.rstrip('/')}/{split}")
-    store.remove_stale_temporaries()
     records = _records(store, options.fingerprint(split, plan))
     todo = [i for i in mine if i not in records]
+    store.discard_unfinished([_shard_name(split, i) for i in todo])  # what a killed run left of them
     shard_size = lambda i: min(options.samples_per_shard, plan.num_samples - i * options.samples_per_shard)  # noqa: E731
     start = time.perf_counter()
     bar = tqdm(total=sum(shard_size(i) for i in mine), unit="img", disable=not progress,
@@ -307,10 +310,10 @@ def _build_split(options: PrepOptions, split: str, plan: SplitPlan, out_url: str
         with ThreadPoolExecutor(max_workers=_COMMITS_IN_FLIGHT) as uploader:
             pending: list = []
             for i, job in zip(todo, jobs, strict=True):
-                tmp, record = _encode_shard(job)
+                sink, record = _encode_shard(job)
                 if len(pending) == _COMMITS_IN_FLIGHT:
                     pending.pop(0).result()
-                pending.append(uploader.submit(_commit_shard, out_url, split, tmp, record))
+                pending.append(uploader.submit(_commit_shard, out_url, split, sink, record))
                 bar.update(shard_size(i))
             for commit in pending:
                 commit.result()

@@ -11,10 +11,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 _KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 
@@ -52,8 +54,11 @@ class ShardWriter:
     request.
     """
 
-    def __init__(self, path: Path):
-        self._file = open(path, "wb")
+    def __init__(self, out: Path | BinaryIO):
+        """out: a file to create, or anything with `write` (a store's `open_writer`), left open."""
+        self._owns = isinstance(out, (str, os.PathLike))
+        self._file = open(out, "wb") if self._owns else out
+        self._closed = False
         self._hash = hashlib.sha256()
         self._offset = 0
         self.count = 0
@@ -79,12 +84,15 @@ class ShardWriter:
         self.count += 1
 
     def close(self) -> None:
-        if self._file.closed:
+        """End the tar (closing the file if this writer opened it)."""
+        if self._closed:
             return
+        self._closed = True
         self.offsets.append(self._offset)
         end = self._offset + 2 * tarfile.BLOCKSIZE  # two zero blocks, then pad to a whole record
         self._write(tarfile.NUL * (2 * tarfile.BLOCKSIZE + (-end % tarfile.RECORDSIZE)))
-        self._file.close()
+        if self._owns:
+            self._file.close()
 
     @property
     def size(self) -> int:

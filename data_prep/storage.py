@@ -17,9 +17,9 @@ import os
 import random
 import shutil
 import socket
-import tempfile
 import threading
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -39,7 +39,22 @@ class Store(Protocol):
 
     def put_file(self, name: str, path: Path, sha256: str | None = None) -> None: ...
 
+    def open_writer(self, name: str) -> "ObjectWriter": ...
+
+    def discard_unfinished(self, names: list[str]) -> int: ...
+
     def list(self) -> list[str]: ...
+
+
+class ObjectWriter(Protocol):
+    """An object written as a stream, visible under its name only after `commit()`; `abort()` leaves
+    nothing behind (or nothing a later `discard_unfinished` does not remove)."""
+
+    def write(self, data: bytes) -> None: ...
+
+    def commit(self, sha256: str | None = None) -> None: ...
+
+    def abort(self) -> None: ...
 
 
 class LocalStore:
@@ -80,6 +95,14 @@ class LocalStore:
         with open(path, "rb") as src:
             self.write_with(name, lambda f: shutil.copyfileobj(src, f, 1 << 22))
 
+    def open_writer(self, name: str) -> "LocalWriter":
+        self.root.mkdir(parents=True, exist_ok=True)
+        return LocalWriter(self.root / temporary_name(name), self._path(name))
+
+    def discard_unfinished(self, names: list[str]) -> int:
+        """Remove what killed writers of this host left (any name: temporaries name their process)."""
+        return remove_stale_temporaries(self.root)
+
     def read_range(self, name: str, start: int, end: int, retry: "Retry | None" = None) -> bytes:
         """Bytes [start, end) of an object; fewer if the file is shorter (a truncated shard)."""
         try:
@@ -95,13 +118,28 @@ class LocalStore:
             return []
         return sorted(p.name for p in self.root.iterdir() if p.is_file() and not p.name.startswith("."))
 
-    def scratch_dir(self) -> Path:
-        """A folder for temporary files on the same filesystem (renames stay atomic)."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        return self.root
 
-    def remove_stale_temporaries(self) -> int:
-        return remove_stale_temporaries(self.root)
+
+class LocalWriter:
+    """A file written under a hidden temporary name in its folder; `commit()` syncs it to disk and renames
+    it into place (atomic), `abort()` deletes it."""
+
+    def __init__(self, tmp: Path, final: Path):
+        self._tmp, self._final = tmp, final
+        self._file = open(tmp, "wb")
+
+    def write(self, data: bytes) -> None:
+        self._file.write(data)
+
+    def commit(self, sha256: str | None = None) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self._tmp, self._final)
+
+    def abort(self) -> None:
+        self._file.close()
+        self._tmp.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)
@@ -118,6 +156,8 @@ class Retry:
 
 SINGLE_PUT_BYTES = 1 << 30
 """Files up to this size are uploaded in one PUT (S3 allows 5 GiB); larger ones in multipart parts."""
+PART_BYTES = 8 << 20
+"""An `S3Writer`'s parts (S3's least is 5 MiB): an object smaller than this goes up in one PUT."""
 _RESEND = {"BadDigest", "XAmzContentSHA256Mismatch", "RequestTimeout", "IncompleteBody"}
 """4xx answers to bytes damaged or cut short on the way: sending them again can succeed."""
 _PERMANENT = {"NoSuchKey", "NoSuchBucket", "404", "AccessDenied", "403", "InvalidAccessKeyId",
@@ -229,12 +269,19 @@ class S3Store:
         if path.stat().st_size > SINGLE_PUT_BYTES:
             self._call("upload of", name, lambda: self._client.upload_file(str(path), self.bucket, self._key(name)))
             return
+        self._put(name, path, sha256)
+
+    def _put(self, name: str, body: Path | bytes, sha256: str | None) -> None:
+        """One PUT of a file or bytes; with `sha256`, which S3 checks, through the unsigned-payload client."""
         extra = {"ChecksumSHA256": base64.b64encode(bytes.fromhex(sha256)).decode()} if sha256 else {}
         client = self._checksummed_client if sha256 else self._client
 
         def put():
-            with open(path, "rb") as body:
+            if isinstance(body, bytes):
                 client.put_object(Bucket=self.bucket, Key=self._key(name), Body=body, **extra)
+                return
+            with open(body, "rb") as f:
+                client.put_object(Bucket=self.bucket, Key=self._key(name), Body=f, **extra)
         self._call("upload of", name, put)
 
     def open_reader(self, name: str, retry: Retry | None = None, start: int = 0,
@@ -283,14 +330,120 @@ class S3Store:
             tmp.unlink(missing_ok=True)
             raise
 
-    def scratch_dir(self) -> Path:
-        """Local files on their way to S3: one folder, so that a rerun can clean up after a kill."""
-        folder = Path(tempfile.gettempdir()) / "vdvae-prep"
-        folder.mkdir(exist_ok=True)
-        return folder
+    def open_writer(self, name: str) -> "S3Writer":
+        return S3Writer(self, name)
 
-    def remove_stale_temporaries(self) -> int:
-        return remove_stale_temporaries(self.scratch_dir())
+    def discard_unfinished(self, names: list[str]) -> int:
+        """Abort the multipart uploads that a killed writer left for these objects; return how many.
+
+        Only the names given: the caller's own (a prep rank's shards), so
+        the uploads that other ranks have in progress are left alone.
+        """
+        wanted = {self._key(name) for name in names}
+        prefix = f"{self.prefix}/" if self.prefix else ""
+
+        def uploads() -> list[dict]:
+            found = []
+            for page in self._client.get_paginator("list_multipart_uploads").paginate(
+                    Bucket=self.bucket, Prefix=prefix):
+                found += [u for u in page.get("Uploads", []) if u["Key"] in wanted]
+            return found
+        stale = self._call("LIST uploads of", "", uploads)
+        for upload in stale:
+            name = upload["Key"][len(prefix):]
+            try:
+                self._call("abort of the upload of", name, lambda upload=upload: self._client.abort_multipart_upload(
+                    Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]))
+            except StorageError as err:
+                if "NoSuchUpload" not in str(err):  # gone meanwhile: nothing left to abort
+                    raise
+        return len(stale)
+
+
+class S3Writer:
+    """An S3 object written as a stream, in multipart parts sent while the next part fills.
+
+    Nothing is staged on local disk, and the object appears only when
+    `commit()` completes the upload. An object that never fills a part goes
+    up in one PUT at commit, checked against the SHA-256 given. Each part
+    carries its CRC32, which S3 checks on arrival. At most two parts wait
+    to be sent (memory: three parts); part sizes double every 1000 parts,
+    as S3 allows 10,000. A failed part is retried like any request; `abort()`
+    (or, after a kill, the next run's `discard_unfinished`) removes the
+    upload's parts.
+
+    Parts go with an unsigned payload: the CRC32 guards them against damage
+    on the way, and the signature covers it and every header. Signing the
+    payload too would hash every part once more, and over plain http it
+    would protect nothing that training reads back: responses are not signed.
+    """
+
+    def __init__(self, store: S3Store, name: str, part_bytes: int | None = None):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._store, self._name = store, name
+        self._part_bytes = part_bytes or PART_BYTES
+        self._buffer = bytearray()
+        self._upload_id: str | None = None
+        self._parts: list = []  # futures of {"PartNumber", "ETag", "ChecksumCRC32"}
+        self._sender = ThreadPoolExecutor(1, thread_name_prefix="s3-part")
+
+    def write(self, data: bytes) -> None:
+        self._buffer += data
+        if len(self._buffer) >= self._part_bytes * 2 ** (len(self._parts) // 1000):
+            self._send_part()
+
+    def _send_part(self) -> None:
+        store = self._store
+        if self._upload_id is None:
+            self._upload_id = store._call("start of the upload of", self._name, lambda: store._client.create_multipart_upload(
+                Bucket=store.bucket, Key=store._key(self._name), ChecksumAlgorithm="CRC32")["UploadId"])
+        if len(self._parts) >= 2:
+            self._parts[-2].result()  # at most two parts waiting: the encoder slows to the upload's pace
+        body, self._buffer = self._buffer, bytearray()
+        self._parts.append(self._sender.submit(self._upload_part, len(self._parts) + 1, body))
+
+    def _upload_part(self, number: int, body: bytearray) -> dict:
+        store = self._store
+        crc = base64.b64encode(zlib.crc32(body).to_bytes(4, "big")).decode()
+        response = store._call("upload of", f"{self._name} (part {number})", lambda: store._checksummed_client.upload_part(
+            Bucket=store.bucket, Key=store._key(self._name), UploadId=self._upload_id, PartNumber=number,
+            Body=bytes(body), ChecksumCRC32=crc))
+        return {"PartNumber": number, "ETag": response["ETag"], "ChecksumCRC32": crc}
+
+    def commit(self, sha256: str | None = None) -> None:
+        """Make the object visible: send what is left, wait for every part, complete the upload."""
+        store = self._store
+        try:
+            if self._upload_id is None:
+                store._put(self._name, bytes(self._buffer), sha256)
+                return
+            if self._buffer:
+                self._send_part()
+            parts = [part.result() for part in self._parts]
+            store._call("completion of the upload of", self._name, lambda: store._client.complete_multipart_upload(
+                Bucket=store.bucket, Key=store._key(self._name), UploadId=self._upload_id,
+                MultipartUpload={"Parts": parts}))
+        except BaseException:
+            self.abort()
+            raise
+        finally:
+            self._sender.shutdown()
+
+    def abort(self) -> None:
+        """Drop the upload and its parts (best effort: what remains, the next run's `discard_unfinished`
+        removes)."""
+        for part in self._parts:
+            part.cancel()
+        self._sender.shutdown(wait=True)
+        self._buffer = bytearray()
+        if self._upload_id is not None:
+            store, upload_id, self._upload_id = self._store, self._upload_id, None
+            try:
+                store._client.abort_multipart_upload(Bucket=store.bucket, Key=store._key(self._name),
+                                                     UploadId=upload_id)
+            except Exception:
+                pass
 
 
 class S3Reader(io.RawIOBase):

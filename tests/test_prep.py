@@ -1,6 +1,7 @@
 """`vdvae prep`: CIFAR-10 to deterministic webdataset shards plus a manifest, resumable."""
 
 import json
+import os
 import subprocess
 
 import numpy as np
@@ -183,3 +184,33 @@ def test_s3_checks_an_upload_against_the_sha256_given(s3_server, bucket, tmp_pat
     with pytest.raises(StorageError, match=r"checked/bad.tar failed after retries: BadDigest, the bytes did not"):
         store.put_file("bad.tar", path, sha256=hashlib.sha256(b"other bytes").hexdigest())
     assert store.list() == ["good.tar"]  # nothing stored under the name
+
+
+def test_s3_writer_streams_parts_commits_whole_objects_and_aborts_cleanly(s3_server, bucket):
+    import hashlib
+
+    from data_prep.storage import PART_BYTES, Retry, open_store
+
+    client = s3_server["client"]
+    store = open_store(f"s3://{bucket}/w")
+    store.retry = Retry(attempts=2, backoff=0.01)
+    data = os.urandom(PART_BYTES) + os.urandom(PART_BYTES // 2)
+    writer = store.open_writer("big.tar")
+    for i in range(0, len(data), 1 << 20):
+        writer.write(data[i:i + (1 << 20)])
+    assert store.list() == []  # parts sent, nothing visible before the commit
+    writer.commit(sha256=hashlib.sha256(data).hexdigest())
+    assert store.read_bytes("big.tar") == data
+    assert client.head_object(Bucket=bucket, Key="w/big.tar")["ETag"].endswith('-2"')
+
+    writer = store.open_writer("dropped.tar")
+    writer.write(data)
+    assert [u["Key"] for u in client.list_multipart_uploads(Bucket=bucket)["Uploads"]] == ["w/dropped.tar"]
+    writer.abort()
+    assert client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+
+    small = store.open_writer("small.tar")  # never fills a part: one PUT at commit, checked against its SHA-256
+    small.write(b"samples" * 100)
+    with pytest.raises(StorageError, match="BadDigest"):
+        small.commit(sha256=hashlib.sha256(b"other bytes").hexdigest())
+    assert store.list() == ["big.tar"]

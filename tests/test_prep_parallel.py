@@ -127,26 +127,66 @@ def test_kill_9_then_rerun_equals_a_clean_run(cifar_src, tmp_path):
             assert (folder / shard.name).read_bytes() == shard.read_bytes()
 
 
+def test_kill_9_mid_upload_to_s3_then_rerun_equals_a_clean_run(tmp_path, bucket, s3_server):
+    """Shards bigger than a part stream to S3 in parts. A prep killed with a shard's parts sent leaves an
+    unfinished upload, never an object under the shard's name; the rerun aborts it and ends with the same
+    shards and manifests as a clean run."""
+    import numpy as np
+    from PIL import Image
+
+    from data_prep.storage import PART_BYTES
+
+    folder = tmp_path / "src" / "images1024x1024" / "00000"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for n in range(24):  # 3 MiB each, stored: a 4-image shard is two parts
+        Image.fromarray(rng.integers(0, 256, (1024, 1024, 3), dtype=np.uint8)).save(folder / f"{n:05d}.png",
+                                                                                    compress_level=0)
+    prep("ffhq1024", tmp_path / "src", str(tmp_path / "clean"), samples_per_shard=4, progress=False)
+    assert PART_BYTES < (tmp_path / "clean" / "train" / "train-000000.tar").stat().st_size < 2 * PART_BYTES
+    client = s3_server["client"]
+    cmd = [*VDVAE, "prep", "ffhq1024", "--src", str(tmp_path / "src"), "--out", f"s3://{bucket}/f",
+           "--samples-per-shard", "4"]
+    proc = subprocess.Popen(cmd, env=env_with(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    uploads = lambda: client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])  # noqa: E731
+    caught = []
+    deadline = time.time() + 120
+    while not caught and proc.poll() is None and time.time() < deadline:
+        if uploads():
+            proc.send_signal(signal.SIGSTOP)  # hold it still, then look again: is an upload open now?
+            caught = uploads()
+            proc.send_signal(signal.SIGKILL if caught else signal.SIGCONT)
+        time.sleep(0.005)
+    proc.wait()
+    assert caught, "the prep finished before it could be killed with an upload open"
+    names = [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="f/").get("Contents", [])]
+    assert all(u["Key"] not in names for u in caught)  # the shard being sent is not listed
+    assert "f/train/manifest.json" not in names
+    rerun = subprocess.run(cmd, env=env_with(), capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert uploads() == []
+    for path in (tmp_path / "clean" / "train").iterdir():
+        assert client.get_object(Bucket=bucket, Key=f"f/train/{path.name}")["Body"].read() == path.read_bytes()
+    assert client.head_object(Bucket=bucket, Key="f/train/train-000000.tar")["ETag"].endswith('-2"')  # parts
+
+
 def test_s3_down_mid_prep_then_back_completes_like_a_clean_run(cifar_src, tmp_path):
     """The server is killed after the first shards and comes back 8 s later: the prep waits and finishes."""
-    from data_prep.storage import S3Store
     from services import SeaweedFS
 
     src, _ = cifar_src
     prep("cifar10", src, str(tmp_path / "clean"), samples_per_shard=250, progress=False)
     server = SeaweedFS(tmp_path / "weed")
     try:
-        server.client().create_bucket(Bucket="outage")
-        # a temporary left on its way to S3 by a killed process: removed by the next run
-        dead = subprocess.Popen(["true"])
-        dead.wait()
-        scratch = S3Store("outage", "x").scratch_dir()
-        stale = scratch / f".train-000003.tar-encoded.{socket.gethostname()}.{dead.pid}.tmp"
-        stale.write_bytes(b"half a shard")
+        client = server.client()
+        client.create_bucket(Bucket="outage")
+        # an upload that a killed process left unfinished: aborted by the next run
+        stale = client.create_multipart_upload(Bucket="outage", Key="c10/valid/valid-000003.tar")["UploadId"]
+        client.upload_part(Bucket="outage", Key="c10/valid/valid-000003.tar", UploadId=stale, PartNumber=1,
+                           Body=b"half a shard")
         proc = subprocess.Popen([*VDVAE, "prep", "cifar10", "--src", str(src), "--out", "s3://outage/c10",
                                  "--samples-per-shard", "250"], env=env_with(**server.env),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        client = server.client()
         deadline = time.time() + 120
         while time.time() < deadline and proc.poll() is None and client.list_objects_v2(
                 Bucket="outage", Prefix="c10/train/").get("KeyCount", 0) < 4:
@@ -157,7 +197,7 @@ def test_s3_down_mid_prep_then_back_completes_like_a_clean_run(cifar_src, tmp_pa
         assert proc.poll() is None, "the prep gave up during the outage"
         server.start()
         assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()[-2000:]
-        assert not stale.exists()
+        assert client.list_multipart_uploads(Bucket="outage").get("Uploads", []) == []
         for split in ("train", "valid", "test"):
             ours = json.loads(client.get_object(Bucket="outage", Key=f"c10/{split}/manifest.json")["Body"].read())
             clean = json.loads((tmp_path / "clean" / split / "manifest.json").read_text())
