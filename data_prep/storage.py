@@ -408,7 +408,7 @@ class S3Writer:
         crc = base64.b64encode(zlib.crc32(body).to_bytes(4, "big")).decode()
         response = store._call("upload of", f"{self._name} (part {number})", lambda: store._checksummed_client.upload_part(
             Bucket=store.bucket, Key=store._key(self._name), UploadId=self._upload_id, PartNumber=number,
-            Body=bytes(body), ChecksumCRC32=crc))
+            Body=body, ChecksumCRC32=crc))
         return {"PartNumber": number, "ETag": response["ETag"], "ChecksumCRC32": crc}
 
     def commit(self, sha256: str | None = None) -> None:

@@ -1,6 +1,7 @@
 """Throughput of `vdvae prep` for FFHQ, beside a bare loop over the same images.
 
     python tests/benchmarks/prep_throughput.py [--images 160] [--samples-per-shard 16] [--repeats 3]
+                                               [--datasets ffhq1024,ffhq256]
 
 Makes FFHQ-like 1024 px PNG fixtures (real photographs from scikit-learn,
 scaled up, with sensor-like noise so they compress like photographs), then
@@ -104,8 +105,11 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=160)
     parser.add_argument("--samples-per-shard", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--datasets", default="ffhq1024,ffhq256", help="comma-separated: ffhq1024, ffhq256")
     args = parser.parse_args()
     spp = args.samples_per_shard
+    if not set(args.datasets.split(",")) <= {"ffhq1024", "ffhq256"}:
+        parser.error(f"--datasets {args.datasets}: choose from ffhq1024, ffhq256")
     if len(os.sched_getaffinity(0)) < 2:
         parser.error("needs at least 2 cores: the 2-rank and server-apart runs hold work to cores 0 and 1")
 
@@ -123,7 +127,7 @@ def main() -> None:
             one = tmp / "one"
             (one / "images1024x1024" / "00000").mkdir(parents=True)
             os.link(paths[0], one / "images1024x1024" / "00000" / "00000.png")
-            for dataset in ("ffhq1024", "ffhq256"):
+            for dataset in args.datasets.split(","):
                 # name -> (output, environment, mpirun ranks, core the prep is held to, server held to core 1)
                 configs = {"local": (str(tmp / "local"), env, 0, None, False),
                            "s3": ("s3://bench/shared", s3_env, 0, None, False),
