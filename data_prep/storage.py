@@ -19,6 +19,7 @@ import shutil
 import socket
 import threading
 import time
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -348,14 +349,25 @@ class S3Store:
                     Bucket=self.bucket, Prefix=prefix):
                 found += [u for u in page.get("Uploads", []) if u["Key"] in wanted]
             return found
-        stale = self._call("LIST uploads of", "", uploads)
+        try:
+            stale = self._call("LIST uploads of", "", uploads)
+        except StorageError as err:
+            if "AccessDenied" not in str(err):
+                raise
+            warnings.warn(f"{self.url}: not allowed to list unfinished uploads (s3:ListBucketMultipartUploads), so "
+                          "those a killed run left are not aborted. They are never listed as objects; a lifecycle "
+                          "rule with AbortIncompleteMultipartUpload removes them.", stacklevel=2)
+            return 0
         for upload in stale:
             name = upload["Key"][len(prefix):]
             try:
                 self._call("abort of the upload of", name, lambda upload=upload: self._client.abort_multipart_upload(
                     Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]))
             except StorageError as err:
-                if "NoSuchUpload" not in str(err):  # gone meanwhile: nothing left to abort
+                if "AccessDenied" in str(err):
+                    warnings.warn(f"{self.url}/{name}: not allowed to abort an unfinished upload "
+                                  "(s3:AbortMultipartUpload); it is never listed as an object", stacklevel=2)
+                elif "NoSuchUpload" not in str(err):  # gone meanwhile: nothing left to abort
                     raise
         return len(stale)
 

@@ -214,3 +214,27 @@ def test_s3_writer_streams_parts_commits_whole_objects_and_aborts_cleanly(s3_ser
     with pytest.raises(StorageError, match="BadDigest"):
         small.commit(sha256=hashlib.sha256(b"other bytes").hexdigest())
     assert store.list() == ["big.tar"]
+
+
+def test_s3_without_permission_to_list_unfinished_uploads_warns_and_goes_on():
+    """An IAM policy without s3:ListBucketMultipartUploads (SeaweedFS with auth off cannot refuse it):
+    the prep warns that stale uploads stay, and builds its shards."""
+    from botocore.exceptions import ClientError
+
+    from data_prep.storage import Retry, S3Store
+
+    class Refusing:
+        def __init__(self, code):
+            self.code = code
+
+        def get_paginator(self, operation):
+            raise ClientError({"Error": {"Code": self.code}, "ResponseMetadata": {"HTTPStatusCode": 403}},
+                              "ListMultipartUploads")
+
+    store = S3Store("bucket", "x", retry=Retry(attempts=2, backoff=0.01))
+    store._clients[(os.getpid(), True)] = Refusing("AccessDenied")
+    with pytest.warns(UserWarning, match="s3:ListBucketMultipartUploads"):
+        assert store.discard_unfinished(["train-000000.tar"]) == 0
+    store._clients[(os.getpid(), True)] = Refusing("NoSuchBucket")  # any other refusal still stops the prep
+    with pytest.raises(StorageError, match="NoSuchBucket"):
+        store.discard_unfinished(["train-000000.tar"])
