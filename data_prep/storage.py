@@ -165,6 +165,11 @@ _PERMANENT = {"NoSuchKey", "NoSuchBucket", "404", "AccessDenied", "403", "Invali
               "SignatureDoesNotMatch", "PreconditionFailed", "412", "InvalidRange", "416"}
 
 
+_CLIENTS: dict[tuple, object] = {}
+"""boto3 clients of this process, shared by every S3Store (they are thread-safe, and costly to make)."""
+_CLIENT_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_ACCESS_KEY_ID", "AWS_REGION",
+               "AWS_DEFAULT_REGION", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE")
+"""The variables that choose the endpoint and the account: a client is made again when one changes."""
 _CLIENTS_LOCK = threading.Lock()
 """boto3's default session, which makes the clients, is not safe to use from two threads at once."""
 os.register_at_fork(after_in_child=lambda: globals().update(_CLIENTS_LOCK=threading.Lock()))  # held by no one
@@ -175,17 +180,19 @@ class S3Store:
         self.bucket, self.prefix = bucket, prefix.strip("/")
         self.retry = retry or Retry()
         self.url = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
-        self._clients: dict[tuple[int, bool], object] = {}
 
-    def _new_client(self, sign_payload: bool):
-        """One boto3 client per process and kind (clients do not survive fork).
+    @staticmethod
+    def _shared_client(sign_payload: bool):
+        """This process's client of that kind for the current AWS settings (clients do not survive fork).
 
         botocore retries once; `_call` and `S3Reader` (which resumes from
         the byte it reached) retry with `Retry`'s longer backoff.
         """
-        key = (os.getpid(), sign_payload)
+        key = (os.getpid(), sign_payload, *(os.environ.get(name) for name in _CLIENT_ENV))
         with _CLIENTS_LOCK:
-            return self._clients.get(key) or self._clients.setdefault(key, self._make_client(sign_payload))
+            if key not in _CLIENTS:
+                _CLIENTS[key] = S3Store._make_client(sign_payload)
+            return _CLIENTS[key]
 
     @staticmethod
     def _make_client(sign_payload: bool):
@@ -201,14 +208,14 @@ class S3Store:
 
     @property
     def _client(self):
-        return self._new_client(sign_payload=True)
+        return self._shared_client(sign_payload=True)
 
     @property
     def _checksummed_client(self):
         """For a PUT whose body's SHA-256 travels in the signed `x-amz-checksum-sha256` header, which S3
         checks: the signature binds the body through that header, so the client does not hash the body
         again for the signature (botocore otherwise does over http, a second SHA-256 pass per shard)."""
-        return self._new_client(sign_payload=False)
+        return self._shared_client(sign_payload=False)
 
     def _key(self, name: str) -> str:
         return f"{self.prefix}/{name}" if self.prefix else name

@@ -216,7 +216,7 @@ def test_s3_writer_streams_parts_commits_whole_objects_and_aborts_cleanly(s3_ser
     assert store.list() == ["big.tar"]
 
 
-def test_s3_without_permission_to_list_unfinished_uploads_warns_and_goes_on():
+def test_s3_without_permission_to_list_unfinished_uploads_warns_and_goes_on(monkeypatch):
     """An IAM policy without s3:ListBucketMultipartUploads (SeaweedFS with auth off cannot refuse it):
     the prep warns that stale uploads stay, and builds its shards."""
     from botocore.exceptions import ClientError
@@ -232,9 +232,9 @@ def test_s3_without_permission_to_list_unfinished_uploads_warns_and_goes_on():
                               "ListMultipartUploads")
 
     store = S3Store("bucket", "x", retry=Retry(attempts=2, backoff=0.01))
-    store._clients[(os.getpid(), True)] = Refusing("AccessDenied")
+    monkeypatch.setattr(S3Store, "_client", Refusing("AccessDenied"))
     with pytest.warns(UserWarning, match="s3:ListBucketMultipartUploads"):
         assert store.discard_unfinished(["train-000000.tar"]) == 0
-    store._clients[(os.getpid(), True)] = Refusing("NoSuchBucket")  # any other refusal still stops the prep
+    monkeypatch.setattr(S3Store, "_client", Refusing("NoSuchBucket"))  # any other refusal still stops the prep
     with pytest.raises(StorageError, match="NoSuchBucket"):
         store.discard_unfinished(["train-000000.tar"])
