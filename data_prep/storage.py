@@ -87,12 +87,6 @@ class LocalStore:
         self.write_with(name, lambda f: f.write(data))
 
     def put_file(self, name: str, path: Path, sha256: str | None = None) -> None:
-        path = Path(path)
-        if path.resolve().parent == self.root.resolve():  # our own temporary: sync and rename
-            with open(path, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(path, self._path(name))
-            return
         with open(path, "rb") as src:
             self.write_with(name, lambda f: shutil.copyfileobj(src, f, 1 << 22))
 
@@ -212,9 +206,9 @@ class S3Store:
 
     @property
     def _checksummed_client(self):
-        """For a PUT whose body's SHA-256 travels in the signed `x-amz-checksum-sha256` header, which S3
-        checks: the signature binds the body through that header, so the client does not hash the body
-        again for the signature (botocore otherwise does over http, a second SHA-256 pass per shard)."""
+        """For requests whose body's checksum travels in a signed header that S3 checks (a shard's
+        SHA-256, a part's CRC32): the client does not hash the body again for the signature, as botocore
+        otherwise does over http (a second pass over every byte). See `S3Writer` on the parts."""
         return self._shared_client(sign_payload=False)
 
     def _key(self, name: str) -> str:
