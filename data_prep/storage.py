@@ -391,11 +391,10 @@ class S3Writer:
     would protect nothing that training reads back: responses are not signed.
     """
 
-    def __init__(self, store: S3Store, name: str, part_bytes: int | None = None):
+    def __init__(self, store: S3Store, name: str):
         from concurrent.futures import ThreadPoolExecutor
 
         self._store, self._name = store, name
-        self._part_bytes = part_bytes or PART_BYTES
         self._buffer = bytearray()
         self._upload_id: str | None = None
         self._parts: list = []  # futures of {"PartNumber", "ETag", "ChecksumCRC32"}
@@ -403,7 +402,7 @@ class S3Writer:
 
     def write(self, data: bytes) -> None:
         self._buffer += data
-        if len(self._buffer) >= self._part_bytes * 2 ** (len(self._parts) // 1000):
+        if len(self._buffer) >= PART_BYTES * 2 ** (len(self._parts) // 1000):
             self._send_part()
 
     def _send_part(self) -> None:
@@ -425,23 +424,19 @@ class S3Writer:
         return {"PartNumber": number, "ETag": response["ETag"], "ChecksumCRC32": crc}
 
     def commit(self, sha256: str | None = None) -> None:
-        """Make the object visible: send what is left, wait for every part, complete the upload."""
+        """Make the object visible: send what is left, wait for every part, complete the upload.
+        If it fails, the caller aborts."""
         store = self._store
-        try:
-            if self._upload_id is None:
-                store._put(self._name, bytes(self._buffer), sha256)
-                return
+        if self._upload_id is None:
+            store._put(self._name, bytes(self._buffer), sha256)
+        else:
             if self._buffer:
                 self._send_part()
             parts = [part.result() for part in self._parts]
             store._call("completion of the upload of", self._name, lambda: store._client.complete_multipart_upload(
                 Bucket=store.bucket, Key=store._key(self._name), UploadId=self._upload_id,
                 MultipartUpload={"Parts": parts}))
-        except BaseException:
-            self.abort()
-            raise
-        finally:
-            self._sender.shutdown()
+        self._sender.shutdown()
 
     def abort(self) -> None:
         """Drop the upload and its parts (best effort: what remains, the next run's `discard_unfinished`

@@ -174,9 +174,15 @@ def test_s3_checks_an_upload_against_the_sha256_given(s3_server, bucket, tmp_pat
     path = tmp_path / "shard.tar"
     path.write_bytes(b"samples" * 1000)
     sent = []
-    store._checksummed_client.meta.events.register("before-send.s3.PutObject", lambda request, **_: sent.append(
-        request.headers))
-    store.put_file("good.tar", path, sha256=hashlib.sha256(path.read_bytes()).hexdigest())
+
+    def record(request, **_):
+        sent.append(request.headers)
+    events = store._checksummed_client.meta.events  # the process's shared client: unhook after
+    events.register("before-send.s3.PutObject", record)
+    try:
+        store.put_file("good.tar", path, sha256=hashlib.sha256(path.read_bytes()).hexdigest())
+    finally:
+        events.unregister("before-send.s3.PutObject", record)
     assert store.read_bytes("good.tar") == path.read_bytes()
     # the body's SHA-256 is in a signed header, so the signature need not hash the body again
     signed = sent[0]["Authorization"].decode().split("SignedHeaders=")[1].split(",")[0].split(";")
@@ -213,6 +219,7 @@ def test_s3_writer_streams_parts_commits_whole_objects_and_aborts_cleanly(s3_ser
     small.write(b"samples" * 100)
     with pytest.raises(StorageError, match="BadDigest"):
         small.commit(sha256=hashlib.sha256(b"other bytes").hexdigest())
+    small.abort()
     assert store.list() == ["big.tar"]
 
 
