@@ -22,7 +22,9 @@ Each run's start-up (interpreter, imports, source scan, launcher) is
 measured on a one-image source and subtracted. Each repeat runs every
 configuration once, in turn, so that the machine's drift reaches all of
 them alike; every timing is the median over --repeats (the bare loop's
-too). Before each run, the page cache's written data goes to disk (sync),
+too). Each full run also records the CPU time the hypervisor stole from
+this machine (/proc/stat; 0 on bare metal) and, for S3, the CPU time
+SeaweedFS used, so a slow repeat can be told from a slow prep. Before each run, the page cache's written data goes to disk (sync),
 so that no run pays for an earlier one's writeback. Prints one JSON line
 per dataset.
 """
@@ -95,6 +97,20 @@ def run_prep(dataset: str, src: Path, out: str, env: dict, mpi: int = 0, samples
     return time.perf_counter() - start
 
 
+def steal_seconds() -> float:
+    """CPU time the hypervisor gave to other guests while this VM had work (all cores, /proc/stat)."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()
+    return int(fields[8]) / os.sysconf("SC_CLK_TCK") if len(fields) > 8 else 0.0
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all its threads (/proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def pin(pid: int, cores: str) -> None:
     """Hold every thread of a running process to `cores` (threads it starts later inherit it)."""
     subprocess.run(["taskset", "-a", "-p", "-c", cores, str(pid)], check=True, capture_output=True)
@@ -113,7 +129,9 @@ def main() -> None:
     if len(os.sched_getaffinity(0)) < 2:
         parser.error("needs at least 2 cores: the 2-rank and server-apart runs hold work to cores 0 and 1")
 
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    # PMIx authenticates with munge where it is installed; without munged running,
+    # mpirun retries it for 2.3 s. The native method starts in 0.05 s.
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PMIX_MCA_psec="native")
     every_core = ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -136,6 +154,8 @@ def main() -> None:
                            "1 rank": (str(tmp / "rank"), env, 1, None, False),
                            "2 ranks": (str(tmp / "ranks"), env, 2, None, False)}
                 times: dict[str, list[float]] = {}
+                steal: dict[str, list[float]] = {}  # per full run: host steal, s
+                server_cpu: dict[str, list[float]] = {}  # per full S3 run: SeaweedFS CPU, s
                 bare_rates = []
                 for _ in range(args.repeats):
                     bare_rates.append(bare(paths, dataset))
@@ -144,8 +164,13 @@ def main() -> None:
                             pin(server.proc.pid, "1")
                         try:
                             for src, what in ((one, "startup"), (tmp / "src", "run")):
+                                stolen, served = steal_seconds(), cpu_seconds(server.proc.pid)
                                 seconds = run_prep(dataset, src, f"{out}-{next(runs)}", environ, mpi, spp, core)
                                 times.setdefault(f"{name} {what}", []).append(seconds)
+                                if what == "run":
+                                    steal.setdefault(name, []).append(steal_seconds() - stolen)
+                                    if out.startswith("s3://"):
+                                        server_cpu.setdefault(name, []).append(cpu_seconds(server.proc.pid) - served)
                         finally:
                             if apart:
                                 pin(server.proc.pid, every_core)
@@ -167,6 +192,8 @@ def main() -> None:
                     "two_ranks_over_one_rank": round(rate["2 ranks"] / rate["1 rank"], 3),
                     "images_per_s": {name: round(r, 2) for name, r in rate.items()},
                     "runs_s": {k: [round(t, 2) for t in v] for k, v in times.items()},
+                    "host_steal_s": {k: [round(t, 2) for t in v] for k, v in steal.items()},
+                    "server_cpu_s": {k: [round(t, 2) for t in v] for k, v in server_cpu.items()},
                 }), flush=True)
         finally:
             server.stop()
