@@ -17,15 +17,20 @@ reports images/s per process for ffhq1024 and ffhq256:
   - ranks: `mpirun -n 2` to the local folder; its speedup over one process
     (`two_ranks_speedup`) and over `mpirun -n 1` (`two_ranks_over_one_rank`:
     each rank bound to one core, so one rank's helper thread shares its
-    core as every rank's does on a full node).
+    core as every rank's does on a full node);
+  - machine: the bare loop held to core 0, and two copies of it held to
+    cores 0 and 1 with half the images each (`machine_two_cores_over_one`):
+    what this machine gives two busy cores, the ceiling for the ranks' ratio.
 Each run's start-up (interpreter, imports, source scan, launcher) is
 measured on a one-image source and subtracted. Each repeat runs every
 configuration once, in turn, so that the machine's drift reaches all of
 them alike; every timing is the median over --repeats (the bare loop's
-too). Each full run also records the CPU time the hypervisor stole from
+too), and `ratios_per_repeat` gives each ratio within each repeat (start-up:
+the median). Each full run also records the CPU time the hypervisor stole from
 this machine (/proc/stat; 0 on bare metal) and, for S3, the CPU time
-SeaweedFS used, so a slow repeat can be told from a slow prep. Before each run, the page cache's written data goes to disk (sync),
-so that no run pays for an earlier one's writeback. Prints one JSON line
+SeaweedFS used, so a slow repeat can be told from a slow prep. Before each
+run, the page cache's written data goes to disk (sync), so that no run pays
+for an earlier one's writeback. Prints one JSON line
 per dataset.
 """
 
@@ -71,15 +76,41 @@ def make_fixtures(folder: Path, count: int) -> list[Path]:
     return paths
 
 
-def bare(paths: list[Path], dataset: str) -> float:
-    os.sync()
-    start = time.perf_counter()
+def bare_loop(paths: list[Path], dataset: str) -> None:
     for path in paths:
         data = path.read_bytes()
         with Image.open(io.BytesIO(data)) as image:
             array = np.asarray(image.convert("RGB"))
         if dataset == "ffhq256":
             encode_png(resize_256(array))
+
+
+def bare(paths: list[Path], dataset: str) -> float:
+    os.sync()
+    start = time.perf_counter()
+    bare_loop(paths, dataset)
+    return len(paths) / (time.perf_counter() - start)
+
+
+def bare_on_cores(paths: list[Path], dataset: str, cores: list[int]) -> float:
+    """images/s of the bare loop in one forked process per core, each held to its core and
+    given an equal share of the images: what this machine gives to that many busy cores."""
+    os.sync()
+    start = time.perf_counter()
+    children = []
+    for i, core in enumerate(cores):
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.sched_setaffinity(0, {core})
+                bare_loop(paths[i::len(cores)], dataset)
+            finally:
+                os._exit(0)
+        children.append(pid)
+    for pid in children:
+        _, status = os.waitpid(pid, 0)
+        if status:
+            raise RuntimeError(f"bare loop on a core failed (wait status {status})")
     return len(paths) / (time.perf_counter() - start)
 
 
@@ -156,9 +187,11 @@ def main() -> None:
                 times: dict[str, list[float]] = {}
                 steal: dict[str, list[float]] = {}  # per full run: host steal, s
                 server_cpu: dict[str, list[float]] = {}  # per full S3 run: SeaweedFS CPU, s
-                bare_rates = []
+                bare_rates, bare_one_core, bare_two_cores = [], [], []
                 for _ in range(args.repeats):
                     bare_rates.append(bare(paths, dataset))
+                    bare_one_core.append(bare_on_cores(paths, dataset, [0]))
+                    bare_two_cores.append(bare_on_cores(paths, dataset, [0, 1]))
                     for name, (out, environ, mpi, core, apart) in configs.items():
                         if apart:
                             pin(server.proc.pid, "1")
@@ -178,6 +211,16 @@ def main() -> None:
                 n = len(paths) - 1  # images beyond the start-up runs' one
                 rate = {name: n / max(median[f"{name} run"] - median[f"{name} startup"], 1e-9) for name in configs}
                 bare_rate = float(np.median(bare_rates))
+                # the same ratios within each repeat, whose runs follow one another within a minute
+                each = [{name: n / max(times[f"{name} run"][r] - median[f"{name} startup"], 1e-9) for name in configs}
+                        for r in range(args.repeats)]
+                ratios = {"local_over_bare": [e["local"] / b for e, b in zip(each, bare_rates, strict=True)],
+                          "s3_over_local": [e["s3"] / e["local"] for e in each],
+                          "s3_over_local_server_apart": [e["s3 apart"] / e["local core0"] for e in each],
+                          "two_ranks_speedup": [e["2 ranks"] / e["local"] for e in each],
+                          "two_ranks_over_one_rank": [e["2 ranks"] / e["1 rank"] for e in each],
+                          "machine_two_cores_over_one": [b / a for a, b in zip(bare_one_core, bare_two_cores, strict=True)]}
+                machine = float(np.median(bare_two_cores)) / float(np.median(bare_one_core))
                 print(json.dumps({
                     "dataset": dataset, "images": len(paths), "samples_per_shard": spp,
                     "repeats": args.repeats,
@@ -190,7 +233,11 @@ def main() -> None:
                     "s3_over_local_server_apart": round(rate["s3 apart"] / rate["local core0"], 3),
                     "two_ranks_speedup": round(rate["2 ranks"] / rate["local"], 3),
                     "two_ranks_over_one_rank": round(rate["2 ranks"] / rate["1 rank"], 3),
+                    "machine_two_cores_over_one": round(machine, 3),
                     "images_per_s": {name: round(r, 2) for name, r in rate.items()},
+                    "bare_images_per_s_on_cores": {"core 0": round(float(np.median(bare_one_core)), 2),
+                                                   "cores 0 and 1": round(float(np.median(bare_two_cores)), 2)},
+                    "ratios_per_repeat": {k: [round(x, 3) for x in v] for k, v in ratios.items()},
                     "runs_s": {k: [round(t, 2) for t in v] for k, v in times.items()},
                     "host_steal_s": {k: [round(t, 2) for t in v] for k, v in steal.items()},
                     "server_cpu_s": {k: [round(t, 2) for t in v] for k, v in server_cpu.items()},
