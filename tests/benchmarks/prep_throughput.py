@@ -20,7 +20,7 @@ reports images/s per process for ffhq1024 and ffhq256:
     core as every rank's does on a full node);
   - machine: the bare loop held to core 0, and two copies of it held to
     cores 0 and 1 with half the images each (`machine_two_cores_over_one`):
-    what this machine gives two busy cores, the ceiling for the ranks' ratio.
+    what this machine gives two busy cores, the reference for the ranks' ratio.
 Each run's start-up (interpreter, imports, source scan, launcher) is
 measured on a one-image source and subtracted. Each repeat runs every
 configuration once, in turn, so that the machine's drift reaches all of
@@ -32,6 +32,9 @@ SeaweedFS used, so a slow repeat can be told from a slow prep. Before each
 run, the page cache's written data goes to disk (sync), so that no run pays
 for an earlier one's writeback. Prints one JSON line
 per dataset.
+
+On a shared VM, one repeat's ratio moves by 10 % or more with the host's
+load; the ffhq1024 figures in RESULTS.md use --images 320 --repeats 9.
 """
 
 from __future__ import annotations
