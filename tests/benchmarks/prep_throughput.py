@@ -25,12 +25,12 @@ Each run's start-up (interpreter, imports, source scan, launcher) is
 measured on a one-image source and subtracted. Each repeat runs every
 configuration once, in turn, so that the machine's drift reaches all of
 them alike; every timing is the median over --repeats (the bare loop's
-too), and `ratios_per_repeat` gives each ratio within each repeat (start-up:
-the median). Each full run also records the CPU time the hypervisor stole from
-this machine (/proc/stat; 0 on bare metal) and, for S3, the CPU time
-SeaweedFS used, so a slow repeat can be told from a slow prep. Before each
-run, the page cache's written data goes to disk (sync), so that no run pays
-for an earlier one's writeback. Prints one JSON line
+too), and `ratios_per_repeat` gives each ratio within each repeat
+(start-up: the median). Each full run also records the CPU time the
+hypervisor stole from this machine (/proc/stat; 0 on bare metal) and, for
+S3, the CPU time SeaweedFS used, so a slow repeat can be told from a slow
+prep. Before each run, the page cache's written data goes to disk (sync),
+so that no run pays for an earlier one's writeback. Prints one JSON line
 per dataset.
 
 On a shared VM, one repeat's ratio moves by 10 % or more with the host's
