@@ -114,7 +114,6 @@ class LocalStore:
         return sorted(p.name for p in self.root.iterdir() if p.is_file() and not p.name.startswith("."))
 
 
-
 class LocalWriter:
     """A file written under a hidden temporary name in its folder; `commit()` syncs it to disk and renames
     it into place (atomic), `abort()` deletes it."""
