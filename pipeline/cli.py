@@ -165,7 +165,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _resources(args: argparse.Namespace, default_name: str):
-    from launch.submit import Resources
+    from launch.slurm import Resources
 
     return Resources(job_name=args.job_name or default_name, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
                      tasks_per_node=args.tasks_per_node, cpus_per_task=args.cpus_per_task, mem=args.mem,
@@ -175,13 +175,13 @@ def _resources(args: argparse.Namespace, default_name: str):
 
 
 def _local_or_url(value: str) -> str:
-    from launch.submit import absolute
+    from launch.slurm import absolute
 
     return value if "://" in value else str(absolute(value))
 
 
 def _cmd_submit_train(args: argparse.Namespace) -> int:
-    from launch.submit import absolute, sbatch, train_script
+    from launch.slurm import absolute, sbatch, train_script
 
     from .config import RunConfig, check_data
 
@@ -204,7 +204,7 @@ def _cmd_submit_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_submit_prep(args: argparse.Namespace) -> int:
-    from launch.submit import SubmitError, absolute, prep_scripts, sbatch
+    from launch.slurm import SubmitError, absolute, prep_scripts, sbatch
 
     src = absolute(args.src)
     if not src.exists():
@@ -229,7 +229,7 @@ def _cmd_submit_prep(args: argparse.Namespace) -> int:
 
 
 def _cmd_submit_eval(args: argparse.Namespace) -> int:
-    from launch.submit import absolute, eval_script, sbatch
+    from launch.slurm import absolute, eval_script, sbatch
 
     source = absolute(args.source)
     if not source.exists():
@@ -464,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from data_prep.storage import StorageError
-    from launch.submit import SubmitError
+    from launch.slurm import SubmitError
 
     args = build_parser().parse_args(argv)
     try:
