@@ -1,42 +1,57 @@
 """Storage locations as URLs: `s3://bucket/prefix` or a local folder.
 
-One small interface for the shard writer, the manifest and the streaming
-loader. Writes are atomic: a local file is written under a
-temporary name and renamed; an S3 object becomes visible only when its
-upload completes. So a reader never sees half an object under its final
-name. S3 uses boto3 with the standard AWS configuration chain
-(`AWS_ENDPOINT_URL`, `AWS_PROFILE`, `AWS_ACCESS_KEY_ID`, ...) and retries
-with backoff; credentials never appear in messages.
+One small interface for the shard writer, the manifest, the streaming
+loader and the checkpoint mirror. Writes are atomic: a local file is
+written under a temporary name and renamed; an S3 object becomes visible
+only when its upload completes. So a reader never sees half an object
+under its final name. S3 uses boto3 with the standard AWS configuration
+chain (`AWS_ENDPOINT_URL`, `AWS_PROFILE`, `AWS_ACCESS_KEY_ID`, ...).
+
+Errors: one that no retry mends (no credentials, access denied, no such
+bucket or object, a malformed endpoint URL) fails at once, naming the URL
+and the fix. A transient one (server down or busy, a broken connection) is
+retried by one layer, `Retry` (botocore's own retries are off); once a
+request has waited more than `QUIET_WAIT` s, each retry says on stderr
+what it waits for. Credentials never appear in messages.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import os
 import random
+import re
 import shutil
 import socket
+import sys
+import tempfile
 import threading
 import time
 import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Callable, Protocol, runtime_checkable
 from urllib.parse import urlparse
 
 
 class StorageError(RuntimeError):
-    """An object store operation that failed after retries, named by URL."""
+    """An object store operation that failed (at once, or after retries), named by URL."""
 
 
+@runtime_checkable
 class Store(Protocol):
+    """What callers use of a storage location; `LocalStore` and `S3Store` both provide all of it."""
+
     url: str
 
     def read_bytes(self, name: str) -> bytes: ...
 
     def write_bytes(self, name: str, data: bytes) -> None: ...
+
+    def write_with(self, name: str, fill: Callable[[BinaryIO], object]) -> None: ...
 
     def put_file(self, name: str, path: Path, sha256: str | None = None) -> None: ...
 
@@ -44,7 +59,18 @@ class Store(Protocol):
 
     def discard_unfinished(self, names: list[str]) -> int: ...
 
+    def read_range(self, name: str, start: int, end: int, retry: "Retry | None" = None) -> bytes: ...
+
+    def open_reader(self, name: str, retry: "Retry | None" = None, start: int = 0,
+                    end: int | None = None) -> io.RawIOBase: ...
+
+    def download(self, name: str, path: Path) -> None: ...
+
     def list(self) -> list[str]: ...
+
+    def list_folders(self) -> list[str]: ...
+
+    def delete(self, name: str) -> None: ...
 
 
 class ObjectWriter(Protocol):
@@ -69,7 +95,7 @@ class LocalStore:
     def read_bytes(self, name: str) -> bytes:
         return self._path(name).read_bytes()
 
-    def write_with(self, name: str, fill) -> None:
+    def write_with(self, name: str, fill: Callable[[BinaryIO], object]) -> None:
         """Write through a temporary in the same folder, fsync, rename into place."""
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.root / temporary_name(name)
@@ -98,20 +124,78 @@ class LocalStore:
         """Remove what killed writers of this host left (any name: temporaries name their process)."""
         return remove_stale_temporaries(self.root)
 
-    def read_range(self, name: str, start: int, end: int, retry: "Retry | None" = None) -> bytes:
-        """Bytes [start, end) of an object; fewer if the file is shorter (a truncated shard)."""
+    def open_reader(self, name: str, retry: "Retry | None" = None, start: int = 0,
+                    end: int | None = None) -> "LocalReader":
+        """Bytes [start, end) of a file as a file (`end=None`: to its end); fewer if it is shorter."""
         try:
-            with open(self._path(name), "rb") as f:
-                f.seek(start)
-                return f.read(end - start)
-        except FileNotFoundError:
+            return LocalReader(self._path(name), start, end)
+        except (FileNotFoundError, NotADirectoryError):
             raise StorageError(f"{self.url}/{name} does not exist; was the split prepared completely "
                                "(see its manifest.json)?") from None
+
+    def read_range(self, name: str, start: int, end: int, retry: "Retry | None" = None) -> bytes:
+        """Bytes [start, end) of an object; fewer if the file is shorter (a truncated shard)."""
+        with self.open_reader(name, retry, start, end) as reader:
+            return reader.read()
+
+    def download(self, name: str, path: Path) -> None:
+        """Copy a file to `path` (through a temporary beside it, renamed when complete)."""
+        path = Path(path)
+        tmp = path.parent / temporary_name(path.name)
+        try:
+            with self.open_reader(name) as reader, open(tmp, "wb") as f:
+                shutil.copyfileobj(reader, f, 1 << 22)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     def list(self) -> list[str]:
         if not self.root.is_dir():
             return []
         return sorted(p.name for p in self.root.iterdir() if p.is_file() and not p.name.startswith("."))
+
+    def list_folders(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    def delete(self, name: str) -> None:
+        """Remove a file; one that is not there is no error (as on S3)."""
+        self._path(name).unlink(missing_ok=True)
+
+
+class LocalReader(io.RawIOBase):
+    """Bytes [start, end) of a local file as a file, like `S3Reader` (`end=None`: to the file's end)."""
+
+    def __init__(self, path: Path, start: int = 0, end: int | None = None):
+        super().__init__()
+        self._file = open(path, "rb")
+        self._file.seek(start)
+        self._pos, self._end = start, end
+        self.url = str(path)
+        self.reopened = 0  # as S3Reader's: a local read is never resumed
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        view = memoryview(buffer).cast("B")
+        want = len(view) if self._end is None else max(0, min(len(view), self._end - self._pos))
+        got = self._file.readinto(view[:want]) if want else 0
+        self._pos += got
+        return got
+
+    def readall(self) -> bytes:
+        data = self._file.read(-1 if self._end is None else max(0, self._end - self._pos))
+        self._pos += len(data)
+        return data
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
 
 
 class LocalWriter:
@@ -136,16 +220,57 @@ class LocalWriter:
         self._tmp.unlink(missing_ok=True)
 
 
+QUIET_WAIT = 2.0
+"""Seconds a request may wait for retries silently (a blip); past them each retry says on stderr what it
+waits for."""
+
+
 @dataclass(frozen=True)
 class Retry:
-    """How long a read keeps trying: `attempts` tries, waits doubling from `backoff` up to `max_backoff` s."""
+    """How long a request keeps trying: `attempts` tries, waits doubling from `backoff` up to `max_backoff` s
+    (each jittered by +-25%)."""
     attempts: int = 10
     backoff: float = 0.5
     max_backoff: float = 8.0
 
+    def delay(self, attempt: int) -> float:
+        """The wait after failure number `attempt` (from 0)."""
+        return min(self.max_backoff, self.backoff * 2 ** min(attempt, 60)) * (0.75 + 0.5 * random.random())
+
+    def longest(self, attempt: int) -> float:
+        """The most that the waits from failure number `attempt` (from 0) on can take together."""
+        return 1.25 * sum(min(self.max_backoff, self.backoff * 2 ** min(a, 60))
+                          for a in range(attempt, self.attempts - 1))
+
     def wait(self, attempt: int) -> None:
-        delay = min(self.max_backoff, self.backoff * 2 ** attempt)
-        time.sleep(delay * (0.75 + 0.5 * random.random()))
+        time.sleep(self.delay(attempt))
+
+
+class _Retrying:
+    """The failures in a row of one request: each waits by `retry`, and once the waits pass `QUIET_WAIT` s,
+    one line on stderr says what for and how much longer at most."""
+
+    def __init__(self, retry: Retry, url: str, what: str):
+        self.retry, self.url, self.what = retry, url, what
+        self.failures, self.waited, self.started = 0, 0.0, time.monotonic()
+
+    def failed(self, why: str) -> bool:
+        """Count a transient failure: wait and return True, or return False once the attempts are spent."""
+        self.failures += 1
+        if self.failures >= self.retry.attempts:
+            return False
+        delay = self.retry.delay(self.failures - 1)
+        if self.waited + delay > QUIET_WAIT:
+            more = self.retry.longest(self.failures - 1)
+            print(f"waiting for {self.url} ({self.what}): {why}; attempt {self.failures} of "
+                  f"{self.retry.attempts} failed, retrying for up to {max(1, round(more))} s more",
+                  file=sys.stderr, flush=True)
+        time.sleep(delay)
+        self.waited += delay
+        return True
+
+    def spent(self) -> str:
+        return f"{self.failures} attempts in {time.monotonic() - self.started:.0f} s"
 
 
 SINGLE_PUT_BYTES = 1 << 30
@@ -154,18 +279,167 @@ PART_BYTES = 8 << 20
 """An `S3Writer`'s parts (S3's least is 5 MiB): an object smaller than this goes up in one PUT."""
 _RESEND = {"BadDigest", "XAmzContentSHA256Mismatch", "RequestTimeout", "IncompleteBody"}
 """4xx answers to bytes damaged or cut short on the way: sending them again can succeed."""
-_PERMANENT = {"NoSuchKey", "NoSuchBucket", "404", "AccessDenied", "403", "InvalidAccessKeyId",
-              "SignatureDoesNotMatch", "PreconditionFailed", "412", "InvalidRange", "416"}
+_MISSING = {"NoSuchKey", "404", "NotFound"}
+_CHANGED = {"PreconditionFailed", "412"}
+_REFUSED = {"AccessDenied", "403", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken",
+            "ExpiredToken", "AllAccessDisabled", "AccountProblem", "InvalidSecurity"}
+"""Answers that refuse the credentials, or what they are allowed to do."""
+_PERMANENT = _MISSING | _CHANGED | _REFUSED | {"NoSuchBucket", "InvalidRange", "416"}
+"""Error codes that no retry mends (besides them, any 4xx but 408, 429, throttling and `_RESEND`)."""
+
+_CREDENTIALS_FIX = ("Set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (any values for a server without auth), or "
+                    "AWS_PROFILE naming a profile of the shared credentials file (~/.aws/credentials, or the file "
+                    "that AWS_SHARED_CREDENTIALS_FILE names).")
+_CREDENTIAL_ERRORS = {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError", "ProfileNotFound",
+                      "UnknownCredentialError", "SSOError", "TokenRetrievalError", "RefreshWithMFAUnsupportedError"}
+"""botocore's errors (class names) for credentials that are missing or cannot be loaded."""
+_ENDPOINT_ERRORS = {"EndpointProviderError", "InvalidEndpointConfigurationError"}
+"""botocore's errors for an endpoint URL it cannot use (besides the ValueError of a client made with one)."""
+_CONFIG_ERRORS = {"InvalidConfigError", "ParamValidationError", "InvalidS3AddressingStyleError",
+                  "UnsupportedS3ArnError", "InvalidDNSNameError", "InvalidRegionError", "NoRegionError",
+                  "MissingDependencyException", "InvalidRetryConfigurationError"}
+"""botocore's errors for a request or configuration that cannot work as it is: no retry changes it."""
+
+
+def _endpoint_variable() -> str:
+    """The variable that sets the S3 endpoint here (the S3-specific one wins), for messages."""
+    return "AWS_ENDPOINT_URL_S3" if os.environ.get("AWS_ENDPOINT_URL_S3") else "AWS_ENDPOINT_URL"
+
+
+def _shown(url: str | None) -> str:
+    """An endpoint URL fit for a message: without any user:password@ in it."""
+    return re.sub(r"//[^/@]*@", "//", str(url))
+
+
+def _classes(err: BaseException) -> set[str]:
+    return {c.__name__ for c in type(err).__mro__}
+
+
+def _error_code(err: BaseException) -> tuple[str, int | None]:
+    """(S3 error code, HTTP status) of an error answer; (class name, None) of anything else."""
+    response = getattr(err, "response", None)
+    if isinstance(response, dict) and "Error" in response:
+        return (str(response.get("Error", {}).get("Code", "")) or type(err).__name__,
+                response.get("ResponseMetadata", {}).get("HTTPStatusCode", 500))
+    if "S3UploadFailedError" in _classes(err):  # "... An error occurred (NoSuchBucket) when calling ..."
+        found = re.search(r"An error occurred \(([^)]+)\)", str(err))
+        if found:
+            return found.group(1), None
+    return type(err).__name__, None
+
+
+def _network_reason(err: BaseException) -> str:
+    """What a failure to reach the server was, from the errors it chains to (refused, reset, timed out)."""
+    seen: BaseException | None = err
+    for _ in range(10):
+        if seen is None:
+            break
+        if isinstance(seen, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(seen, ConnectionResetError | BrokenPipeError | ConnectionAbortedError):
+            return "connection reset"
+        if isinstance(seen, socket.gaierror):
+            return "host name not found"
+        if isinstance(seen, TimeoutError) or "Timeout" in type(seen).__name__:
+            return "timed out"
+        seen = seen.__cause__ or seen.__context__
+    names = _classes(err)
+    if "ConnectionClosedError" in names:
+        return "connection closed"
+    if names & {"IncompleteReadError", "ResponseStreamingError"}:
+        return "transfer cut short"
+    if "EndpointConnectionError" in names:
+        return "could not connect"
+    if type(err).__module__ == "builtins" and str(err):
+        return str(err)  # as S3Reader's "transfer ended at byte ..."
+    return "request failed"
+
+
+def _diagnose(err: BaseException, bucket: str, endpoint: str) -> tuple[str, str | None]:
+    """(what went wrong, in a few words, with its error code; how to fix it) for an error that no retry
+    mends, or (what went wrong, None) for one that a retry may (server down or busy, broken connection).
+    Never any credential: only codes, class names and the endpoint."""
+    names = _classes(err)
+    code, status = _error_code(err)
+    variable = _endpoint_variable()
+    if names & _CREDENTIAL_ERRORS:
+        if "NoCredentialsError" in names:
+            return "no credentials found (NoCredentialsError)", _CREDENTIALS_FIX
+        if "PartialCredentialsError" in names:
+            missing = getattr(err, "kwargs", {}).get("cred_var", "a variable")
+            return f"credentials incomplete, {missing} missing (PartialCredentialsError)", _CREDENTIALS_FIX
+        if "ProfileNotFound" in names:
+            profile = getattr(err, "kwargs", {}).get("profile", "")
+            return (f"the AWS profile {profile!r} does not exist (ProfileNotFound)",
+                    "Set AWS_PROFILE to a profile of the AWS config or credentials file (AWS_CONFIG_FILE, "
+                    "AWS_SHARED_CREDENTIALS_FILE), or unset it and set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY.")
+        return (f"the credentials could not be loaded ({type(err).__name__})",
+                "Check the credential source of the AWS profile (credential_process, or an SSO login that may "
+                "have expired), or set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY.")
+    if names & _ENDPOINT_ERRORS or (isinstance(err, ValueError) and re.search(r"endpoint|url", str(err), re.I)):
+        value = os.environ.get(variable)
+        if value is None:  # from the AWS config file
+            return (f"the endpoint URL of the AWS profile (endpoint_url) is not valid ({type(err).__name__})",
+                    f"Fix endpoint_url in the AWS config (AWS_CONFIG_FILE), or set {variable} to the S3 server's "
+                    "URL with its scheme, as in http://HOST:PORT or https://HOST.")
+        return (f"the endpoint URL {variable}={_shown(value)!r} is not valid ({type(err).__name__})",
+                f"Set {variable} to the S3 server's URL with its scheme, as in http://HOST:PORT or https://HOST, "
+                "or unset it for AWS.")
+    if names & _CONFIG_ERRORS:
+        return f"{type(err).__name__}: {_shown(err)}", "Check the S3 URL, the region (AWS_REGION) and the AWS config."
+    if code == "NoSuchBucket":
+        return (f"NoSuchBucket, bucket {bucket!r} does not exist at {endpoint}",
+                f"Create it, or check the bucket in the URL and the endpoint ({variable}).")
+    if code in _MISSING:
+        return (f"{code}, it does not exist",
+                "Check the name, and that what should have written it completed.")
+    if code in _CHANGED:
+        return f"{code}, it changed meanwhile", "Another process replaced it: run again once that one is done."
+    if code in _REFUSED:
+        return (f"{code}, access refused by {endpoint}",
+                f"Check the credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE) and that "
+                f"they may use bucket {bucket!r}; some servers answer so for a bucket that does not exist.")
+    if code in _RESEND:
+        return code, None
+    if status is not None:
+        if 400 <= status < 500 and status not in (408, 429) and "Throttl" not in code and "SlowDown" not in code:
+            return (f"{code} (HTTP {status})",
+                    f"Check the bucket, the endpoint ({variable}) and the credentials (AWS_* variables or profile).")
+        return f"{code} (HTTP {status})", None
+    if code != type(err).__name__:  # an upload's error answer, known by its code only
+        if code in _PERMANENT:
+            return _diagnose(_Answer(code), bucket, endpoint)
+        return f"{code} ({type(err).__name__})", None
+    return f"{_network_reason(err)} ({type(err).__name__}), endpoint {endpoint}", None
+
+
+class _Answer(Exception):
+    """An S3 error answer known only by its code (as an S3UploadFailedError carries it)."""
+
+    def __init__(self, code: str):
+        super().__init__(code)
+        self.response = {"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": 400}}
 
 
 _CLIENTS: dict[tuple, object] = {}
-"""boto3 clients of this process, shared by every S3Store (they are thread-safe, and costly to make)."""
-_CLIENT_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_ACCESS_KEY_ID", "AWS_REGION",
-               "AWS_DEFAULT_REGION", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE")
+"""boto3 clients of this process, shared by every S3Store (they are thread-safe, and costly to make), by
+(process, kind, digest of the AWS settings)."""
+_SESSIONS: dict[tuple, object] = {}
+"""The boto3 session that made them, one per (process, AWS settings): it reads the settings once."""
+_CLIENT_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_ACCESS_KEY_ID",
+               "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_CONFIG_FILE",
+               "AWS_SHARED_CREDENTIALS_FILE", "AWS_EC2_METADATA_DISABLED", "AWS_CA_BUNDLE",
+               "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+               "AWS_CONTAINER_CREDENTIALS_FULL_URI")
 """The variables that choose the endpoint and the account: a client is made again when one changes."""
 _CLIENTS_LOCK = threading.Lock()
-"""boto3's default session, which makes the clients, is not safe to use from two threads at once."""
+"""A boto3 session, which makes the clients, is not safe to use from two threads at once."""
 os.register_at_fork(after_in_child=lambda: globals().update(_CLIENTS_LOCK=threading.Lock()))  # held by no one
+
+
+def _settings() -> str:
+    """A digest of the AWS variables (the key of a process's clients: no credential kept in it)."""
+    return hashlib.sha256(repr([os.environ.get(name) for name in _CLIENT_ENV]).encode()).hexdigest()
 
 
 class S3Store:
@@ -178,77 +452,99 @@ class S3Store:
     def _shared_client(sign_payload: bool):
         """This process's client of that kind for the current AWS settings (clients do not survive fork).
 
-        botocore retries once; `_call` and `S3Reader` (which resumes from
-        the byte it reached) retry with `Retry`'s longer backoff.
+        Each set of settings gets a session of its own, so a change of
+        credentials or endpoint in the environment takes effect (the default
+        session would keep the credentials it found first). botocore does
+        not retry: `_call` and `S3Reader` (which resumes from the byte it
+        reached) do, with `Retry`'s backoff.
         """
-        key = (os.getpid(), sign_payload, *(os.environ.get(name) for name in _CLIENT_ENV))
+        settings = (os.getpid(), _settings())
+        key = (*settings, sign_payload)
         with _CLIENTS_LOCK:
             if key not in _CLIENTS:
-                _CLIENTS[key] = S3Store._make_client(sign_payload)
+                if settings not in _SESSIONS:
+                    import boto3
+
+                    _SESSIONS[settings] = boto3.session.Session()
+                _CLIENTS[key] = S3Store._make_client(_SESSIONS[settings], sign_payload)
             return _CLIENTS[key]
 
     @staticmethod
-    def _make_client(sign_payload: bool):
-        import boto3
+    def _make_client(session, sign_payload: bool):
         from botocore.config import Config
 
         # checksums when the caller gives one (shards carry their SHA-256) or S3 requires one, not a
         # CRC32 pass over every upload besides
-        return boto3.client("s3", config=Config(
-            retries={"max_attempts": 2, "mode": "standard"}, connect_timeout=10, read_timeout=60,
+        return session.client("s3", config=Config(
+            retries={"total_max_attempts": 1, "mode": "standard"}, connect_timeout=10, read_timeout=60,
             max_pool_connections=16, request_checksum_calculation="when_required",
             s3=None if sign_payload else {"payload_signing_enabled": False}))
 
+    def _client_of_kind(self, sign_payload: bool):
+        """The shared client; settings it cannot be made with (a malformed endpoint URL, an AWS profile
+        that does not exist, half the credentials) fail at once, naming this store."""
+        from botocore.exceptions import BotoCoreError
+
+        try:
+            return self._shared_client(sign_payload)
+        except (BotoCoreError, ValueError) as err:
+            why, fix = _diagnose(err, self.bucket, self._endpoint_setting())
+            if fix is None:
+                why, fix = f"{type(err).__name__}: {_shown(err)}", "Check the AWS settings (AWS_* variables, profile)."
+            raise StorageError(f"{self.url}: cannot make an S3 client: {why}. {fix}") from None
+
     @property
     def _client(self):
-        return self._shared_client(sign_payload=True)
+        return self._client_of_kind(sign_payload=True)
 
     @property
     def _checksummed_client(self):
         """For requests whose body's checksum travels in a signed header that S3 checks (a shard's
         SHA-256, a part's CRC32): the client does not hash the body again for the signature, as botocore
         otherwise does over http (a second pass over every byte). See `S3Writer` on the parts."""
-        return self._shared_client(sign_payload=False)
+        return self._client_of_kind(sign_payload=False)
+
+    @staticmethod
+    def _endpoint_setting() -> str:
+        variable = _endpoint_variable()
+        value = os.environ.get(variable)
+        return _shown(value) if value else "AWS's endpoint"
+
+    def _endpoint(self) -> str:
+        """The endpoint that requests go to, for messages."""
+        try:
+            return _shown(self._client.meta.endpoint_url)
+        except Exception:  # no client, or a stand-in
+            return self._endpoint_setting()
 
     def _key(self, name: str) -> str:
         return f"{self.prefix}/{name}" if self.prefix else name
 
-    def _fail(self, what: str, name: str, err: Exception) -> StorageError:
-        code = getattr(err, "response", {}).get("Error", {}).get("Code", type(err).__name__)
-        if code in _RESEND:
-            return StorageError(f"{what} {self.url}/{name} failed after retries: {code}, the bytes did not arrive "
-                                "intact. Check the network path to the endpoint, or whether the file changed "
-                                "while it was sent.")
-        return StorageError(f"{what} {self.url}/{name} failed after retries: {code}. Check the bucket, "
-                            "the endpoint (AWS_ENDPOINT_URL) and the credentials (AWS_* variables or profile).")
-
     def _call(self, what: str, name: str, action):
         """Run one request, retrying transient failures (server down, reset, 5xx, throttling) with
-        `self.retry`'s backoff; a refused request (missing bucket, no access) fails at once."""
+        `self.retry`'s backoff, saying on stderr what it waits for once the waits pass `QUIET_WAIT` s;
+        one that no retry mends (no credentials, access refused, missing bucket) fails at once."""
         from boto3.exceptions import S3UploadFailedError
         from botocore.exceptions import BotoCoreError, ClientError
 
-        failures = 0
+        url = f"{self.url}/{name}"
+        retrying = _Retrying(self.retry, url, what.removesuffix(" of"))
         while True:
             try:
                 return action()
-            except ClientError as err:
-                code = str(err.response.get("Error", {}).get("Code", ""))
-                status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 500)
-                if code in _PERMANENT or (400 <= status < 500 and status not in (408, 429) and code not in _RESEND
-                                          and "Throttl" not in code and "SlowDown" not in code):
-                    raise self._fail(what, name, err) from None
-                last = err
-            except S3UploadFailedError as err:
-                if any(code in str(err) for code in _PERMANENT):
-                    raise self._fail(what, name, err) from None
-                last = err
-            except (BotoCoreError, OSError) as err:
-                last = err
-            failures += 1
-            if failures >= self.retry.attempts:
-                raise self._fail(what, name, last) from None
-            self.retry.wait(failures - 1)
+            except (ClientError, S3UploadFailedError, BotoCoreError, OSError) as err:
+                why, fix = _diagnose(err, self.bucket, self._endpoint())
+                if fix is not None:
+                    raise StorageError(f"{what} {url} failed: {why}. {fix}") from None
+                if not retrying.failed(why):
+                    code = _error_code(err)[0]
+                    if code in _RESEND:
+                        raise StorageError(f"{what} {url} failed after retries: {code}, the bytes did not arrive "
+                                           f"intact ({retrying.spent()}). Check the network path to the endpoint, "
+                                           "or whether the file changed while it was sent.") from None
+                    raise StorageError(f"{what} {url} failed after retries: {why} ({retrying.spent()}). Check "
+                                       f"the endpoint ({_endpoint_variable()}) and the network: the server may "
+                                       "be down or overloaded.") from None
 
     def read_bytes(self, name: str) -> bytes:
         return self._call("GET", name, lambda: self._client.get_object(
@@ -256,6 +552,14 @@ class S3Store:
 
     def write_bytes(self, name: str, data: bytes) -> None:
         self._call("PUT", name, lambda: self._client.put_object(Bucket=self.bucket, Key=self._key(name), Body=data))
+
+    def write_with(self, name: str, fill: Callable[[BinaryIO], object]) -> None:
+        """Let `fill` write a local temporary file, then upload it; the object appears only when complete."""
+        with tempfile.TemporaryDirectory(prefix=".s3-upload-") as folder:
+            path = Path(folder) / "object"
+            with open(path, "wb") as f:
+                fill(f)
+            self.put_file(name, path)
 
     def put_file(self, name: str, path: Path, sha256: str | None = None) -> None:
         """Upload a file; the object appears only when complete.
@@ -308,7 +612,8 @@ class S3Store:
                 folders += [p["Prefix"][len(prefix):].rstrip("/") for p in page.get("CommonPrefixes", [])]
             return names, folders
         names, folders = self._call("LIST", "", pages)
-        return sorted(names), sorted(folders)
+        # (an object named as the prefix itself, "prefix/", is a folder marker, not one of its objects)
+        return sorted(n for n in names if n), sorted(f for f in folders if f)
 
     def list(self) -> list[str]:
         return self._listing()[0]
@@ -459,8 +764,9 @@ class S3Reader(io.RawIOBase):
     A transfer that breaks (reset, timeout, server gone) is reopened with a
     ranged GET from the byte it reached, pinned to the object's ETag (an
     object replaced meanwhile is an error, not a silent mix), after a
-    backoff; `retry.attempts` failures in a row raise `StorageError`
-    naming the object. A missing object or a refused request fails at once.
+    backoff (said on stderr once the waits pass `QUIET_WAIT` s);
+    `retry.attempts` failures in a row raise `StorageError` naming the
+    object. A missing object or a refused request fails at once.
     """
 
     def __init__(self, client, bucket: str, key: str, url: str, start: int = 0, end: int | None = None,
@@ -496,12 +802,10 @@ class S3Reader(io.RawIOBase):
             self._body = None
 
     def readinto(self, buffer) -> int:
-        from botocore.exceptions import ClientError
-
         if self._end is not None and self._pos >= self._end:
             return 0
         view = memoryview(buffer).cast("B")
-        failures = 0
+        retrying = None
         while True:
             try:
                 if self._body is None:
@@ -515,33 +819,33 @@ class S3Reader(io.RawIOBase):
                 view[:len(chunk)] = chunk
                 self._pos += len(chunk)
                 return len(chunk)
-            except ClientError as err:
-                code = str(err.response.get("Error", {}).get("Code", ""))
+            except Exception as err:  # connection refused / reset, timeouts, truncated transfer, error answers
+                self._close_body()
+                code = _error_code(err)[0]
                 if code in ("InvalidRange", "416"):  # the object ends before this position (truncated)
-                    self._close_body()
                     self._end = self._pos
                     return 0
-                if code in _PERMANENT:
-                    self._close_body()
-                    what = {"NoSuchKey": "does not exist", "404": "does not exist",
-                            "PreconditionFailed": "changed while it was being read",
-                            "412": "changed while it was being read"}.get(code, f"cannot be read ({code})")
-                    raise StorageError(f"{self.url} {what}. Check the endpoint (AWS_ENDPOINT_URL), the "
-                                       "credentials, and that the split's manifest lists what is in the bucket "
-                                       "(run the prep again if shards are missing).") from None
-                failures = self._failed(failures, code)
-            except Exception as err:  # connection refused / reset, timeouts, truncated transfer
-                failures = self._failed(failures, type(err).__name__)
+                if code in _MISSING or code in _CHANGED:
+                    what = "does not exist" if code in _MISSING else "changed while it was being read"
+                    raise StorageError(f"{self.url} {what} ({code}). Check the endpoint ({_endpoint_variable()}) "
+                                       "and that the split's manifest lists what is in the bucket (run the prep "
+                                       "again if shards are missing).") from None
+                why, fix = _diagnose(err, self._bucket, self._endpoint())
+                if fix is not None:
+                    raise StorageError(f"reading {self.url} failed: {why}. {fix}") from None
+                retrying = retrying or _Retrying(self._retry, self.url, "GET")
+                if not retrying.failed(why):
+                    raise StorageError(f"reading {self.url} failed {retrying.failures} times in a row at byte "
+                                       f"{self._pos} ({why}); the object store stayed unreachable. Check the "
+                                       f"endpoint ({_endpoint_variable()}) and the network, then resume from the "
+                                       "last checkpoint.") from None
+                self.reopened += 1
 
-    def _failed(self, failures: int, why: str) -> int:
-        self._close_body()
-        if failures + 1 >= self._retry.attempts:
-            raise StorageError(f"reading {self.url} failed {failures + 1} times in a row at byte {self._pos} "
-                               f"({why}); the object store stayed unreachable. Check the endpoint "
-                               "(AWS_ENDPOINT_URL) and the network, then resume from the last checkpoint.")
-        self._retry.wait(failures)
-        self.reopened += 1
-        return failures + 1
+    def _endpoint(self) -> str:
+        try:
+            return _shown(self._client.meta.endpoint_url)
+        except Exception:
+            return S3Store._endpoint_setting()
 
     def readall(self) -> bytes:
         parts = []
