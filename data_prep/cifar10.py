@@ -4,16 +4,16 @@ train/valid: scikit-learn's `train_test_split(test_size=5000,
 random_state=11172018)` of the 50,000 training images, i.e. a
 `RandomState(11172018)` permutation whose first 5000 are valid and the
 rest train, in permutation order; test: `test_batch` in file order.
+The batches are read with `source.ArrayUnpickler`: one that would run code is refused.
 """
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
 import numpy as np
 
-from .source import SplitPlan, SourceError
+from .source import RefusedGlobal, SourceError, SplitPlan, load_data_pickle
 
 SPLIT_SEED = 11172018
 NUM_VALID = 5000
@@ -32,9 +32,11 @@ def _find_root(src: Path) -> Path:
 def _load(path: Path) -> tuple[np.ndarray, list[int]]:
     try:
         with open(path, "rb") as f:
-            batch = pickle.load(f, encoding="latin1")
+            batch = load_data_pickle(f)
         data = np.asarray(batch["data"], dtype=np.uint8)
         labels = list(batch["labels"])
+    except RefusedGlobal as err:
+        raise SourceError(f"{path}: not a CIFAR-10 batch: {err}; refusing to run code from it") from None
     except Exception as err:  # a truncated or foreign pickle
         raise SourceError(f"{path}: not a readable CIFAR-10 batch ({type(err).__name__}: {err})") from None
     if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != data.shape[0]:

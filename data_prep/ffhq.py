@@ -7,19 +7,22 @@ ffhq256: each image resized to 256 px with antialiased bilinear filtering
 and stored as PNG; valid = the last 7000 of `numpy.random.seed(5);
 numpy.random.permutation(70000)`, the rest train, in permutation order.
 A partial download shards what is there, each file into the split its
-number gives it.
+number gives it. Both refuse, before decoding, a file over the pixel budget
+(`decode.MAX_PIXELS`). EXIF orientation: ffhq256 applies it (counted in
+the manifest's conversions); ffhq1024 rejects a file whose orientation is
+not 1, as its bytes are stored as they are and cannot be rotated.
 """
 
 from __future__ import annotations
 
-import io
 import re
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
-from .source import Rejected, SourceError, SplitPlan
+from .decode import exif_orientation, opened, read_as_8bit
+from .source import CONVERSIONS, Rejected, SourceError, SplitPlan
 
 NUM_IMAGES = 70_000
 FIRST_VALID_1024 = 65_000
@@ -43,22 +46,28 @@ def find_images(src: Path) -> dict[int, Path]:
     return dict(sorted(files.items()))
 
 
-def _decode(path: Path, size: int) -> tuple[Image.Image, bytes]:
+def _decode(path: Path, size: int, keep_bytes: bool) -> tuple[Image.Image, bytes, tuple[str, ...]]:
+    """The file as a decoded 1024 px RGB PNG, its bytes, and the conversions made: EXIF
+    orientation applied, or (`keep_bytes`: the bytes are stored, not the decoded image) rejected."""
     try:
         data = path.read_bytes()
-        with Image.open(io.BytesIO(data)) as image:
-            if image.format != "PNG":
-                raise Rejected(str(path), f"not a PNG file ({image.format})")
-            if image.size != (size, size):
-                raise Rejected(str(path), f"{image.size[0]}x{image.size[1]}, expected {size}x{size}")
-            if image.mode != "RGB":
-                raise Rejected(str(path), f"mode {image.mode}, expected RGB")
-            image.load()  # decodes the whole file: a truncated one fails here
-            return image, data
-    except Rejected:
-        raise
-    except Exception as err:  # truncated or unreadable
+    except OSError as err:
         raise Rejected(str(path), f"unreadable ({type(err).__name__}: {err})") from None
+    with opened(data, name=str(path), formats=("PNG",)) as image:  # within the pixel budget
+        if image.size != (size, size):
+            raise Rejected(str(path), f"{image.size[0]}x{image.size[1]}, expected {size}x{size}")
+        if image.mode != "RGB":
+            raise Rejected(str(path), f"mode {image.mode}, expected RGB")
+        if read_as_8bit(image):
+            raise Rejected(str(path), "16-bit RGB PNG, expected 8 bits per channel")
+        image.load()  # decodes the whole file: a truncated one fails here
+        orientation = exif_orientation(image)
+        if orientation == 1:
+            return image, data, ()
+        if keep_bytes:
+            raise Rejected(str(path), f"EXIF orientation {orientation} (shown rotated or mirrored): ffhq1024 "
+                                      "stores the original bytes as they are, so they cannot be rotated")
+        return ImageOps.exif_transpose(image), data, ("exif_orientation",)
 
 
 def _meta(number: int, path: Path) -> dict:
@@ -72,7 +81,7 @@ def plan_1024(src: Path) -> dict[str, SplitPlan]:
 
     def get(numbers):
         def item(i):
-            image, data = _decode(files[numbers[i]], 1024)
+            image, data, _ = _decode(files[numbers[i]], 1024, keep_bytes=True)
             return image, None, _meta(numbers[i], files[numbers[i]]), data
         return item
 
@@ -100,8 +109,9 @@ def plan_256(src: Path) -> dict[str, SplitPlan]:
 
     def get(numbers):
         def item(i):
-            image, _ = _decode(files[numbers[i]], 1024)
-            return resize_256(image), None, _meta(numbers[i], files[numbers[i]]), None
+            image, _, conversions = _decode(files[numbers[i]], 1024, keep_bytes=False)
+            meta = dict(_meta(numbers[i], files[numbers[i]]), **{CONVERSIONS: conversions})
+            return resize_256(image), None, meta, None
         return item
 
     how = (f"numpy.random.seed({SPLIT_SEED_256}); permutation({NUM_IMAGES}): last {NUM_VALID_256} "

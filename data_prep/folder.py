@@ -3,7 +3,10 @@
 Files: *.png, *.jpg, *.jpeg, *.webp, *.bmp anywhere below the folder, sorted
 by path. valid = the last `num_valid` of a `RandomState(0)` permutation,
 the rest train. Each image is center-cropped to its shorter side and
-resized with antialiased bilinear filtering, then stored as PNG.
+resized with antialiased bilinear filtering, then stored as PNG. Files are
+decoded by `decode.open_rgb`: the pixel budget, EXIF orientation applied,
+16-bit scaled to 8 bits, alpha dropped, other modes converted to RGB, each
+conversion counted in the manifest.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .source import Rejected, SourceError, SplitPlan
+from .decode import IMAGE_FORMATS, MAX_PIXELS, open_rgb
+from .source import CONVERSIONS, SourceError, SplitPlan
 
 EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 SPLIT_SEED = 0
@@ -43,15 +47,13 @@ def plan(src: Path, resolution: int, num_valid: int) -> dict[str, SplitPlan]:
     def get(indices):
         def item(i):
             path = files[indices[i]]
-            try:
-                with Image.open(path) as image:
-                    array = center_crop_resize(image.convert("RGB"), resolution)
-            except Exception as err:
-                raise Rejected(str(path), f"unreadable ({type(err).__name__}: {err})") from None
-            return array, None, {"source": "folder", "file": str(path.relative_to(src)),
-                                 "index": int(indices[i])}, None
+            image, conversions = open_rgb(path, formats=IMAGE_FORMATS, max_pixels=MAX_PIXELS)
+            return center_crop_resize(image, resolution), None, {
+                "source": "folder", "file": str(path.relative_to(src)), "index": int(indices[i]),
+                CONVERSIONS: conversions}, None
         return item
 
     how = (f"{len(files)} images sorted by path; RandomState({SPLIT_SEED}) permutation: last "
-           f"{num_valid} valid; center crop, bilinear antialiased resize to {resolution} px")
+           f"{num_valid} valid; EXIF orientation applied, 16-bit scaled to 8 (v >> 8), alpha dropped, "
+           f"at most {MAX_PIXELS} pixels; center crop, bilinear antialiased resize to {resolution} px")
     return {split: SplitPlan(len(ids), how, resolution, get(ids)) for split, ids in splits.items() if ids}

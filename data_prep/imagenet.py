@@ -5,9 +5,13 @@
   permutation of the training files, test = the valid folder. The official
   code takes the files in `glob` order, which depends on the filesystem, so
   its exact membership cannot be reproduced; we take them sorted by name.
+  Files over the pixel budget are refused before decoding; a non-RGB one
+  is converted by `decode.decode_rgb`'s rules and counted in the
+  manifest's conversions (its bytes are kept only where nothing changed).
 - Pickled batches `train_data_batch_1` ... `_10` + `val_data` (planar RGB,
   1-indexed labels): the same permutation rule over the batches' rows in
-  file order; labels are stored 0-indexed in `.cls`.
+  file order; labels are stored 0-indexed in `.cls`. Read with
+  `source.ArrayUnpickler`: a batch that would run code is refused.
 
 Valid samples are written in permutation order; train samples in source
 order (training shuffles them; source order keeps the reads sequential
@@ -16,15 +20,14 @@ over 1.28M images).
 
 from __future__ import annotations
 
-import pickle
 import re
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from .source import Rejected, SourceError, SplitPlan
+from .decode import decode_rgb, opened
+from .source import CONVERSIONS, RefusedGlobal, Rejected, SourceError, SplitPlan, load_data_pickle
 
 SPLIT_SEED, NUM_VALID = 42, 5000
 
@@ -76,18 +79,15 @@ def _plan_folders(src: Path, size: int) -> dict[str, SplitPlan]:
     def get(files, indices):
         def item(i):
             path = files[indices[i]]
-            try:
-                with Image.open(path) as image:
-                    if image.size != (size, size) or image.mode != "RGB":
-                        raise Rejected(str(path), f"{image.size[0]}x{image.size[1]} {image.mode}, "
-                                                  f"expected {size}x{size} RGB")
-                    array = np.asarray(image)
-                    data = path.read_bytes() if image.format == "PNG" else None
-            except Rejected:
-                raise
-            except Exception as err:
-                raise Rejected(str(path), f"unreadable ({type(err).__name__}: {err})") from None
-            return array, None, {"source": f"imagenet{size}", "file": path.name, "index": int(indices[i])}, data
+            with opened(path) as image:  # within the pixel budget, or rejected before decoding
+                if image.size != (size, size):
+                    raise Rejected(str(path), f"{image.size[0]}x{image.size[1]} {image.mode}, "
+                                              f"expected {size}x{size} RGB")
+                rgb, conversions = decode_rgb(image, name=str(path))
+                # the file's own bytes only where they decode to exactly what is stored
+                data = path.read_bytes() if image.format == "PNG" and not conversions else None
+            return np.asarray(rgb), None, {"source": f"imagenet{size}", "file": path.name, "index": int(indices[i]),
+                                           CONVERSIONS: conversions}, data
         return item
 
     return {
@@ -100,9 +100,11 @@ def _plan_folders(src: Path, size: int) -> dict[str, SplitPlan]:
 def _load_batch(path: Path, size: int) -> tuple[np.ndarray, np.ndarray]:
     try:
         with open(path, "rb") as f:
-            batch = pickle.load(f, encoding="latin1")
+            batch = load_data_pickle(f)
         data = np.asarray(batch["data"], dtype=np.uint8)
         labels = np.asarray(batch["labels"], dtype=np.int64) - 1
+    except RefusedGlobal as err:
+        raise SourceError(f"{path}: not an ImageNet batch: {err}; refusing to run code from it") from None
     except Exception as err:
         raise SourceError(f"{path}: not a readable ImageNet batch ({type(err).__name__}: {err})") from None
     if data.ndim != 2 or data.shape[1] != 3 * size * size or len(labels) != len(data):
