@@ -28,12 +28,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from . import cifar10, ffhq, folder, imagenet
-from .shards import Sample, ShardWriter
+from .shards import FORMAT, Sample, ShardInfo, ShardWriter, verify_shard
 from .source import Rejected, SourceError, SplitPlan
 from .storage import ObjectWriter, open_store
-from pipeline.environment import Ranks
+from .parallel import SINGLE, Ranks, assign_shards, wait_for_all_ranks
 
-FORMAT = "vdvae-shards/2"  # 2: shards list their samples' byte offsets
 READERS = {
     "cifar10": cifar10.plan,
     "imagenet32": lambda src: imagenet.plan(src, 32),
@@ -112,6 +111,7 @@ def _encode_shard(args) -> tuple[ObjectWriter, dict]:
     start = index * options.samples_per_shard
     stop = min(start + options.samples_per_shard, plan.num_samples)
     rejections = []
+    conversions: dict[str, int] = {}  # conversion name -> samples it was made for (source.CONVERSIONS)
     name = _shard_name(split, index)
     sink = store.open_writer(name)
     writer = _BackgroundWriter(sink)
@@ -126,6 +126,8 @@ def _encode_shard(args) -> tuple[ObjectWriter, dict]:
                 continue
             width, height = image.size if isinstance(image, Image.Image) else image.shape[1::-1]
             meta = dict(meta, width=int(width), height=int(height))
+            for conversion in meta.pop("conversions", ()):  # counted, not stored in the sample's json
+                conversions[conversion] = conversions.get(conversion, 0) + 1
             writer.add(image, Sample(f"{split}{i:07d}", encoded or encode_png(np.asarray(image)), meta, label))
         histogram, shard = writer.close()
     except BaseException:
@@ -133,8 +135,8 @@ def _encode_shard(args) -> tuple[ObjectWriter, dict]:
         sink.abort()
         raise
     record = {"fingerprint": options.fingerprint(split, plan), "name": name, "count": shard.count,
-              "bytes": shard.size, "sha256": shard.sha256, "offsets": shard.offsets,
-              "histogram": histogram.tolist(), "rejections": rejections}
+              "bytes": shard.size, "sha256": shard.sha256, "offsets": shard.offsets, "digests": shard.digests,
+              "histogram": histogram.tolist(), "rejections": rejections, "conversions": conversions}
     return sink, record
 
 
@@ -213,7 +215,7 @@ def prep(dataset: str, src: str | os.PathLike, out_url: str, samples_per_shard: 
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(READERS)}")
     options = PrepOptions(dataset, samples_per_shard or DEFAULT_SAMPLES_PER_SHARD[dataset], strict,
                           resolution, num_valid)
-    ranks = ranks or Ranks(0, 1, "single")
+    ranks = ranks or SINGLE
     if not Path(src).exists():
         raise SourceError(f"source {src} does not exist")
     plans = READERS[dataset](Path(src), **options.reader_args())
@@ -229,7 +231,7 @@ def prep(dataset: str, src: str | os.PathLike, out_url: str, samples_per_shard: 
             mine = [i for i, owner in enumerate(owners[split]) if owner == ranks.rank]
             _build_split(options, split, plan, out_url, workers, ranks, progress, mine)
     if ranks.is_mpi and ranks.world > 1:
-        _wait_for_all_ranks()
+        wait_for_all_ranks()
     if ranks.rank != 0 or (ranks.launcher == "slurm-array" and not finalize_only):
         if progress and ranks.launcher == "slurm-array":
             print(f"array task {ranks.rank}/{ranks.world} done; run the same command with --finalize "
@@ -238,25 +240,34 @@ def prep(dataset: str, src: str | os.PathLike, out_url: str, samples_per_shard: 
     return {split: _finalize_split(options, split, plan, out_url, progress) for split, plan in plans.items()}
 
 
-def _wait_for_all_ranks() -> None:
-    """MPI barrier that sleeps while it waits: a rank done early leaves its core to the ranks still
-    decoding (MPI's own Barrier polls, a core's worth of work per waiting rank)."""
-    from mpi4py import MPI
-
-    request = MPI.COMM_WORLD.Ibarrier()
-    while not request.Test():
-        time.sleep(0.01)
-
 
 def _records(store, fingerprint: str) -> dict[int, dict]:
     """Shard index -> record, for the shards complete in the store and made with these options."""
     names = set(store.list())
     records = {}
     for name in sorted(n for n in names if n.endswith(".done.json")):
-        record = json.loads(store.read_bytes(name))
-        if record.get("fingerprint") == fingerprint and record["name"] in names:
+        try:
+            record = json.loads(store.read_bytes(name))
+        except (json.JSONDecodeError, UnicodeDecodeError):  # a damaged record: its shard is built again
+            continue
+        if isinstance(record, dict) and record.get("fingerprint") == fingerprint and record.get("name") in names:
             records[int(record["name"].split("-")[-1].split(".")[0])] = record
     return records
+
+
+def _verified(store, records: dict[int, dict], progress: bool, desc: str) -> dict[int, dict]:
+    """The records whose shards in the store still match them (size, SHA-256); a damaged or changed
+    shard is reported and left out, so that it is built again."""
+    good = {}
+    for i, record in tqdm(sorted(records.items()), desc=desc, unit="shard", disable=not progress or not records):
+        shard = ShardInfo(record["name"], record["count"], tuple(record["offsets"]), tuple(record["digests"]),
+                          record["bytes"], record["sha256"])
+        problem = verify_shard(store, shard)
+        if problem is None:
+            good[i] = record
+        else:
+            print(f"{store.url}/{record['name']}: {problem}; writing it again", flush=True)
+    return good
 
 
 def _check_existing(options: PrepOptions, split: str, plan: SplitPlan, out_url: str, overwrite: bool) -> None:
@@ -273,26 +284,13 @@ def _check_existing(options: PrepOptions, split: str, plan: SplitPlan, out_url: 
                 "samples per shard); pass --overwrite to replace them, or choose another --out")
 
 
-def assign_shards(split_sizes: dict[str, int], samples_per_shard: int, world: int) -> dict[str, list[int]]:
-    """The rank that builds each shard of every split: each shard in turn, splits in order, goes to the
-    rank with the fewest samples so far (the lowest such rank), so ranks finish together even where a
-    split's last shard is short or a small split has fewer shards than there are ranks. Every rank
-    (and every Slurm array task) computes the same answer from the plans alone."""
-    load = [0] * world
-    owners: dict[str, list[int]] = {}
-    for split, num_samples in split_sizes.items():
-        owners[split] = []
-        for start in range(0, num_samples, samples_per_shard):
-            rank = min(range(world), key=lambda r: (load[r], r))
-            load[rank] += min(samples_per_shard, num_samples - start)
-            owners[split].append(rank)
-    return owners
-
 
 def _build_split(options: PrepOptions, split: str, plan: SplitPlan, out_url: str, workers: int,
                  ranks: Ranks, progress: bool, mine: list[int]) -> None:
     store = open_store(f"{out_url.rstrip('/')}/{split}")
     records = _records(store, options.fingerprint(split, plan))
+    records = _verified(store, {i: records[i] for i in mine if i in records}, progress,
+                        f"{options.dataset}/{split}: verify")
     todo = [i for i in mine if i not in records]
     store.discard_unfinished([_shard_name(split, i) for i in todo])  # what a killed run left of them
     shard_size = lambda i: min(options.samples_per_shard, plan.num_samples - i * options.samples_per_shard)  # noqa: E731
@@ -340,6 +338,10 @@ def _finalize_split(options: PrepOptions, split: str, plan: SplitPlan, out_url: 
     n_pix = histogram.sum(1)
     mean = (histogram * levels).sum(1) / n_pix
     std = np.sqrt((histogram * (levels - mean[:, None]) ** 2).sum(1) / n_pix)
+    conversions: dict[str, int] = {}
+    for r in shards:  # records written before conversions were counted have none
+        for conversion, count in r.get("conversions", {}).items():
+            conversions[conversion] = conversions.get(conversion, 0) + count
     manifest = {
         "format": FORMAT,
         "dataset": options.dataset,
@@ -351,8 +353,9 @@ def _finalize_split(options: PrepOptions, split: str, plan: SplitPlan, out_url: 
         "bits": DATASET_BITS[options.dataset],
         "channel_mean": [round(float(v), 6) for v in mean],
         "channel_std": [round(float(v), 6) for v in std],
-        "shards": [{k: r[k] for k in ("name", "count", "bytes", "sha256", "offsets")} for r in shards],
+        "shards": [{k: r[k] for k in ("name", "count", "bytes", "sha256", "offsets", "digests")} for r in shards],
         "rejections": [bad for r in shards for bad in r["rejections"]],
+        "conversions": dict(sorted(conversions.items())),
         "tool_version": _tool_version(),
     }
     store.write_bytes("manifest.json", (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())

@@ -1,10 +1,13 @@
-"""Start torch.distributed from whatever launched this process: Slurm, MPI, or deepspeed/torchrun.
+"""Who am I in the job, and the process group: the one module that reads launcher environments.
 
-The one module that turns a launcher's environment into a process group.
-Ranks come from `environment.detect_ranks`; the rendezvous address from
-MASTER_ADDR/MASTER_PORT when set, else the first host of the Slurm job
-(`SLURM_JOB_NODELIST`, via `scontrol show hostnames`), else this host.
-NCCL on GPUs, gloo on CPU.
+Ranks, in this order: MPI (mpirun/srun with PMI: OMPI_*, PMI_*, PMIX_*), a
+Slurm array task (SLURM_ARRAY_TASK_*), Slurm tasks of one step
+(SLURM_PROCID/SLURM_NTASKS), torchrun/deepspeed (RANK/WORLD_SIZE), else a
+single process. The rendezvous address: MASTER_ADDR/MASTER_PORT when set,
+else the first node of the Slurm job at the address Slurm reaches it by
+(`scontrol`), else this host. The training sbatch script asks this module
+for it (`python -m pipeline.distributed rendezvous`). NCCL on GPUs, gloo
+on CPU.
 """
 
 from __future__ import annotations
@@ -12,13 +15,41 @@ from __future__ import annotations
 import importlib
 import os
 import re
+import socket
 import subprocess
+import sys
 
-import torch
+from data_prep.parallel import Ranks
 
-from .environment import Ranks, detect_ranks
+# torch and deepspeed are imported where a process group starts, not here: `vdvae prep` ranks and the
+# sbatch script's rendezvous ask this module for ranks and addresses, and need neither (3 s a process).
 
 DEFAULT_PORT = 29500
+REQUEUE_EXIT_CODE = 85
+"""Exit status of a training process that checkpointed on SIGUSR1/SIGTERM: the batch script requeues on it."""
+
+
+def detect_ranks(env: dict[str, str] | None = None) -> Ranks:
+    """This process's rank and world size from the launcher's variables in `env` (default: os.environ)."""
+    env = os.environ if env is None else env
+
+    def get(name: str) -> int | None:
+        return int(env[name]) if env.get(name, "") != "" else None
+
+    for rank_var, size_var in (("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"), ("PMI_RANK", "PMI_SIZE"),
+                               ("PMIX_RANK", "PMIX_SIZE")):
+        if get(rank_var) is not None and get(size_var) is not None:
+            return Ranks(get(rank_var), get(size_var), "mpi")
+    if get("PMIX_RANK") is not None and get("SLURM_NTASKS") is not None:  # srun --mpi=pmix sets no PMIX_SIZE
+        return Ranks(get("PMIX_RANK"), get("SLURM_NTASKS"), "mpi")
+    if get("SLURM_ARRAY_TASK_ID") is not None and get("SLURM_ARRAY_TASK_COUNT") is not None:
+        first = get("SLURM_ARRAY_TASK_MIN") or 0
+        return Ranks(get("SLURM_ARRAY_TASK_ID") - first, get("SLURM_ARRAY_TASK_COUNT"), "slurm-array")
+    if get("SLURM_PROCID") is not None and get("SLURM_NTASKS") is not None:
+        return Ranks(get("SLURM_PROCID"), get("SLURM_NTASKS"), "slurm")
+    if get("RANK") is not None and get("WORLD_SIZE") is not None:
+        return Ranks(get("RANK"), get("WORLD_SIZE"), "env")
+    return Ranks(0, 1, "single")
 
 
 def _first_slurm_host() -> str | None:
@@ -49,6 +80,7 @@ def local_rank(ranks: Ranks) -> int:
 def init_distributed() -> Ranks:
     """Set RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* from the launcher and start DeepSpeed's process group."""
     import deepspeed
+    import torch
 
     ranks = detect_ranks()
     if ranks.launcher == "slurm-array":
@@ -84,33 +116,17 @@ def without_shared_memory_op() -> None:
     backend_module.build_shm_op = lambda: None
 
 
-def share_fp32_master(engine) -> int:
-    """Make ZeRO-3's fp32 master weights the fp32 parameter partition itself, as DeepSpeed intends.
+def rendezvous() -> tuple[str, int]:
+    """(MASTER_ADDR, MASTER_PORT) for a job whose batch shell runs on its first node: the address Slurm
+    reaches that node by, and a port this host's kernel has free now."""
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        port = sock.getsockname()[1]
+    return _first_slurm_host() or "127.0.0.1", port
 
-    When the parameters are already fp32 on the optimizer's device, DeepSpeed's
-    stage 3 means to use each partition as its own master copy. It decides so
-    by comparing a ``torch.device`` with the device's name, which recent
-    PyTorch never finds equal, and clones the partition instead: one more
-    partition-sized fp32 buffer per rank, a sixth of stage 3's state with Adam
-    and the EMA. The optimizer keeps its tensor objects (its state is keyed by
-    them); only their storage becomes the partition's. DeepSpeed's copy from
-    master to partition after each step is then a copy onto itself, as in its
-    own aliased case. bf16/fp16 runs keep their fp32 master: nothing to share.
-    Returns the bytes freed on this rank.
-    """
-    optimizer = engine.optimizer
-    if engine.zero_optimization_stage() != 3 or getattr(optimizer, "offload_optimizer", False) \
-            or getattr(optimizer, "swap_optimizer", False):
-        return 0
-    freed = 0
-    for part, master in zip(optimizer.fp16_partitioned_groups_flat, optimizer.fp32_partitioned_groups_flat,
-                            strict=True):
-        if part is None or master.numel() == 0 or part.dtype != master.dtype or part.device != master.device \
-                or part.numel() != master.numel() or part.data_ptr() == master.data_ptr():
-            continue
-        if not torch.equal(part, master):  # a master that already differs is not a copy to drop
-            raise RuntimeError("ZeRO-3 fp32 master differs from its parameter partition; call "
-                               "share_fp32_master right after deepspeed.initialize")
-        freed += master.untyped_storage().nbytes()
-        master.data = part.data
-    return freed
+
+if __name__ == "__main__":  # `python -m pipeline.distributed rendezvous`, for the training sbatch script
+    if sys.argv[1:] != ["rendezvous"]:
+        sys.exit("usage: python -m pipeline.distributed rendezvous")
+    address, port = rendezvous()
+    print(f"MASTER_ADDR={address}\nMASTER_PORT={port}")

@@ -1,79 +1,58 @@
-"""Whole fp32 weights from a run's checkpoint, without DeepSpeed at load time: the model and its EMA.
+"""A run's weights outside training: `vdvae export`, and the model that eval and sample load.
 
-The model comes from DeepSpeed's own consolidation (`zero_to_fp32`) at
-ZeRO 1-3, or its model-states file at stage 0. The EMA at ZeRO 1-3 is one
-file per rank, each holding its piece of every parameter and where that
-piece starts in the parameter's flattened values (`EMA.starts`); the pieces
-are put in place (under ZeRO-3 rank r holds [r * ceil(n / world), ...),
-the last one padded beyond n).
+Export writes `model.pt` and `model-ema.pt` (our weights format,
+`weights.py`) and `<preset>-model.th` / `<preset>-model-ema.th` (the
+official key layout). The checkpoint's layout and its safe reading are
+`checkpoint.py`'s.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import torch
 
+from data_prep.storage import LocalStore
 from model import VDVAE, official_state_dict
 
-from .config import RunConfig
-from .weights import save_weights
-
-
-def _tag(checkpoints: Path, tag: str | None) -> str:
-    if tag is not None:
-        return tag
-    latest = checkpoints / "latest"
-    if not latest.exists():
-        raise FileNotFoundError(f"{checkpoints} has no `latest`: no finished checkpoint to export")
-    return latest.read_text().strip()
-
-
-def consolidate(run_dir: str | os.PathLike, tag: str | None = None) -> tuple[RunConfig, str, dict, dict]:
-    """(config, tag, model state dict, EMA state dict), fp32 on the CPU."""
-    run_dir = Path(run_dir)
-    config = RunConfig.from_json((run_dir / "config.json").read_text())
-    checkpoints = run_dir / "checkpoints"
-    tag = _tag(checkpoints, tag)
-    folder = checkpoints / tag
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} does not exist")
-    if config.zero_stage == 0:
-        model = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
-    else:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        model = get_fp32_state_dict_from_zero_checkpoint(str(checkpoints), tag=tag)
-    model = {k: v.float() for k, v in model.items()}
-    shards = [torch.load(p, map_location="cpu", weights_only=False) for p in sorted(folder.glob("ema_rank*.pt"))]
-    if not shards:
-        raise FileNotFoundError(f"{folder} holds no EMA (ema_rank*.pt)")
-    ema = {}
-    for i, name in enumerate(shards[0]["names"]):
-        n = model[name].numel()
-        flat = torch.zeros(n)
-        for shard in shards:  # each rank's piece in place (a partition's padding falls beyond n)
-            piece, start = shard["shadow"][i].reshape(-1), shard["starts"][i]
-            k = max(0, min(piece.numel(), n - start))
-            flat[start:start + k] = piece[:k]
-        ema[name] = flat.reshape(model[name].shape)
-    return config, tag, model, ema
+from .checkpoint import consolidate
+from .weights import NotOurWeightsError, load_official_file, load_weights, save_weights
 
 
 def export(run_dir: str | os.PathLike, out: str | os.PathLike, tag: str | None = None) -> list[Path]:
-    """Write `model.pt` and `model-ema.pt` (our weights format) and `<preset>-model.th` /
-    `<preset>-model-ema.th` (the official key layout) into `out`."""
+    """Write the four files into `out`; their paths."""
     config, tag, model_sd, ema_sd = consolidate(run_dir, tag)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     written = []
     for suffix, state in (("", model_sd), ("-ema", ema_sd)):
         model = VDVAE(config.model_config())
         model.load_state_dict(state)
         written.append(save_weights(model, out / f"model{suffix}.pt", preset=config.preset))
-        tmp = out / f".{config.preset}-model{suffix}.th.tmp"
-        torch.save(official_state_dict(model), tmp)
-        os.replace(tmp, out / f"{config.preset}-model{suffix}.th")
-        written.append(out / f"{config.preset}-model{suffix}.th")
+        official = official_state_dict(model)
+        name = f"{config.preset}-model{suffix}.th"
+        LocalStore(out).write_with(name, lambda f, official=official: torch.save(official, f))
+        written.append(out / name)
     return written
+
+
+def load_model(source: str | os.PathLike, preset: str | None = None, weights: str = "ema") -> tuple[VDVAE, str | None]:
+    """A VDVAE from a run folder (its latest checkpoint; EMA weights unless weights="model"), one of
+    our weights files, or an official *-model.th (needs `preset`); with its preset name."""
+    path = Path(source)
+    if path.is_dir():
+        config, tag, model_sd, ema_sd = consolidate(path)
+        model = VDVAE(config.model_config())
+        model.load_state_dict(ema_sd if weights == "ema" else model_sd)
+        print(f"{source}: {tag}, {weights} weights", file=sys.stderr)
+        return model, config.preset
+    if not path.is_file():
+        raise FileNotFoundError(f"{source}: not a run folder, weights file or official checkpoint")
+    try:
+        return load_weights(path)
+    except NotOurWeightsError:
+        if preset is None:
+            raise ValueError(f"{source} is not one of our weights files; for an official checkpoint "
+                             "give its --preset") from None
+        return load_official_file(path, preset), preset

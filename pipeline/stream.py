@@ -33,8 +33,8 @@ model's `preprocess`, run on the device after `Batch.to(device)`.
 
 from __future__ import annotations
 
+import importlib
 import io
-import json
 import math
 from bisect import bisect_right
 from collections.abc import Iterator
@@ -46,7 +46,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data_prep.storage import Retry, StorageError, open_store
+from data_prep.shards import ShardInfo, Split, split_samples
+from data_prep.storage import Retry, open_store
 
 _DECODED_PIECE_BYTES = 256 << 20  # default piece: about this much decoded pixel data
 _MAX_PIECE_SAMPLES = 4096
@@ -54,122 +55,24 @@ _HANDOFF_BYTES, _HANDOFF_BATCHES = 2 << 20, 64  # batches a worker hands over at
 
 
 class StreamError(ValueError):
-    """A manifest or option that cannot make a stream; raised before any data is read."""
-
-
-# -- the manifest ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ShardInfo:
-    name: str
-    count: int
-    offsets: tuple[int, ...]
-    """count + 1 byte offsets: where each sample starts, then where the last one ends."""
-
-
-@dataclass(frozen=True)
-class Split:
-    """A split's manifest: where its shards are and what they hold."""
-
-    url: str
-    dataset: str
-    split: str
-    resolution: int
-    bits: int
-    shards: tuple[ShardInfo, ...]
-
-    @property
-    def num_samples(self) -> int:
-        return sum(s.count for s in self.shards)
-
-    @classmethod
-    def load(cls, url: str) -> "Split":
-        """From `.../train` or `.../train/manifest.json`, on S3 or local."""
-        url = url.rstrip("/")
-        if url.endswith("/manifest.json") or url == "manifest.json":
-            url = url[: -len("manifest.json")].rstrip("/")
-        store = open_store(url)
-        try:
-            manifest = json.loads(store.read_bytes("manifest.json"))
-        except FileNotFoundError:
-            raise StreamError(f"{url}/manifest.json does not exist: point at a split prepared by "
-                              "`vdvae prep` (e.g. s3://bucket/ffhq256/train)") from None
-        except StorageError as err:
-            raise StreamError(f"cannot read {url}/manifest.json: {err}") from None
-        if not str(manifest.get("format", "")).startswith("vdvae-shards/"):
-            raise StreamError(f"{url}/manifest.json is not a `vdvae prep` manifest")
-        if manifest["format"] == "vdvae-shards/1" or any("offsets" not in s for s in manifest["shards"]):
-            raise StreamError(f"{url}/manifest.json was written by an older `vdvae prep` that did not record "
-                              "sample offsets; run the prep again with --overwrite")
-        shards = tuple(ShardInfo(s["name"], int(s["count"]), tuple(int(o) for o in s["offsets"]))
-                       for s in manifest["shards"])
-        for s in shards:
-            if len(s.offsets) != s.count + 1:
-                raise StreamError(f"{url}/manifest.json: shard {s.name} lists {len(s.offsets)} offsets "
-                                  f"for {s.count} samples")
-        return cls(url, manifest["dataset"], manifest["split"], int(manifest["resolution"]),
-                   int(manifest["bits"]), shards)
+    """An option that cannot make a stream from a split; raised before any data is read."""
 
 
 # -- reading shards --------------------------------------------------------------------
 
 
-def parse_tar(data: bytes | memoryview) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {extension: bytes}) for each sample of a run of ustar members.
-
-    Stops at the end-of-archive blocks; raises `ValueError` at a member
-    that is cut short (a truncated shard) after yielding the whole samples
-    before it. Keys end at the first dot of the file name, as in webdataset.
-    """
-    view = memoryview(data)
-    pos, end = 0, len(view)
-    key, fields = None, {}
-    while pos + 512 <= end:
-        header = bytes(view[pos:pos + 512])
-        if header[0] == 0:
-            break
-        name = header[:100].split(b"\0", 1)[0].decode()
-        prefix = header[345:500].split(b"\0", 1)[0].decode()
-        if prefix:
-            name = f"{prefix}/{name}"
-        try:
-            size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
-        except ValueError:
-            raise ValueError(f"bad tar header at byte {pos}") from None
-        member_key, _, ext = name.rpartition("/")[2].partition(".")
-        if pos + 512 + size > end:
-            if member_key != key and key is not None:
-                yield key, fields  # whole: the cut is in the next sample
-            raise ValueError(f"member {name} cut short at byte {end}")
-        if member_key != key:
-            if key is not None:
-                yield key, fields
-            key, fields = member_key, {}
-        fields[ext] = bytes(view[pos + 512:pos + 512 + size])
-        pos += 512 + size + (-size % 512)
-    if key is not None:
-        yield key, fields
-
-
 @dataclass
 class _Sample:
     key: str
-    fields: dict[str, bytes] | None  # None: missing from the shard (truncated)
+    fields: dict[str, bytes] | None  # None: missing from the shard (truncated) or damaged
 
 
 def _read_segment(store, shard: ShardInfo, start: int, stop: int, retry: Retry) -> list[_Sample]:
-    """Samples start..stop-1 of a shard, with one ranged read; missing ones marked."""
+    """Samples start..stop-1 of a shard, with one ranged read, each checked against its digest; the
+    missing (a truncated shard) and damaged ones marked unreadable."""
     data = store.read_range(shard.name, shard.offsets[start], shard.offsets[stop], retry)
-    samples: list[_Sample] = []
-    try:
-        for key, fields in parse_tar(data):
-            samples.append(_Sample(key, fields))
-    except ValueError:
-        pass  # a truncated shard: what was whole is kept, the rest counts as unreadable
-    if len(samples) < stop - start:
-        samples += [_Sample(f"{shard.name}#{start + i}", None) for i in range(len(samples), stop - start)]
-    return samples[: stop - start]
+    return [_Sample(key or f"{shard.name}#{i}", fields)
+            for i, (key, fields) in enumerate(split_samples(data, shard, start, stop), start)]
 
 
 def _decode(sample: _Sample, resolution: int) -> np.ndarray | None:
@@ -496,8 +399,6 @@ def gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **_):
 
 def register_webdataset_opener() -> None:
     """Let stock `webdataset.WebDataset("s3://...")` read through our opener (no AWS CLI)."""
-    import importlib
-
     importlib.import_module("webdataset.gopen").gopen_schemes["s3"] = gopen_s3  # the module, not the function
 
 

@@ -47,7 +47,7 @@ pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@"; }
 # machine without a GPU. TORCH_SPEC overrides (for example on a GPU cluster).
 if [ -z "${TORCH_SPEC:-}" ]; then
     if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-        TORCH_SPEC="torch>=2.4,<2.15"
+        TORCH_SPEC="torch>=2.6,<2.15"
     else
         TORCH_SPEC="torch==2.13.0"
     fi

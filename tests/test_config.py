@@ -99,7 +99,7 @@ def test_data_is_checked_against_the_preset(tmp_path):
 
 def test_train_dry_run_prints_config_and_deepspeed_json(tmp_path):
     data = _prepared(tmp_path, 32)
-    cmd = [sys.executable, "-m", "pipeline.cli", "train", "--preset", "cifar10", "--data", data,
+    cmd = [sys.executable, "-m", "launch.cli", "train", "--preset", "cifar10", "--data", data,
            "--run-dir", str(tmp_path / "run"), "lr=1e-4", "--dry-run", "--world-size", "2"]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr

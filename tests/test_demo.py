@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_demo_builds_shards_trains_and_leaves_logs_samples_and_a_checkpoint(tmp_path):
     out = tmp_path / "demo"
-    cmd = [sys.executable, "-m", "pipeline.cli", "demo", "--out", str(out), "--steps", "12", "--images", "300"]
+    cmd = [sys.executable, "-m", "launch.cli", "demo", "--out", str(out), "--steps", "12", "--images", "300"]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=900)
     assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:])

@@ -9,7 +9,7 @@ import torch
 
 from model import VDVAE, CheckpointMismatchError, get_preset, load_official, official_state_dict
 from model.official import check_official_state_dict, to_official_names
-from pipeline.cli import main as cli_main
+from launch.cli import main as cli_main
 from pipeline.weights import load_weights, save_weights
 
 
@@ -135,7 +135,7 @@ def test_import_official_command(tmp_path, capsys):
 
 
 def test_console_script_help():
-    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "--help"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "launch.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0
     for command in ("presets", "import-official", "demo"):
         assert command in out.stdout

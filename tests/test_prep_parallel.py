@@ -12,11 +12,13 @@ import time
 from pathlib import Path
 
 
-from data_prep.prep import assign_shards, prep
-from pipeline.environment import Ranks, detect_ranks
+from data_prep.parallel import assign_shards
+from data_prep.prep import prep
+from data_prep.parallel import Ranks
+from pipeline.distributed import detect_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
-VDVAE = [sys.executable, "-m", "pipeline.cli"]
+VDVAE = [sys.executable, "-m", "launch.cli"]
 
 def env_with(**extra):
     env = {k: v for k, v in os.environ.items()

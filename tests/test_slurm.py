@@ -40,7 +40,7 @@ def env(slurm, s3_server):
 
 
 def vdvae(env, cwd, *args: str) -> str:
-    out = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], env=env, cwd=cwd, capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "launch.cli", *args], env=env, cwd=cwd, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     return out.stdout

@@ -14,7 +14,8 @@ from PIL import Image
 from data_prep.prep import prep
 from data_prep.storage import Retry, StorageError
 from model import VDVAE
-from pipeline.stream import Batch, ShardStream, Split, StreamError, parse_tar
+from data_prep.shards import ManifestError, Split, parse_tar
+from pipeline.stream import Batch, ShardStream, StreamError
 from services import CuttingProxy, SeaweedFS
 
 RES = 8
@@ -68,7 +69,7 @@ def local_split(request, tmp_path_factory):
 
 
 def test_manifest_errors(tmp_path, local_split):
-    with pytest.raises(StreamError, match="manifest.json does not exist"):
+    with pytest.raises(ManifestError, match="manifest.json does not exist"):
         Split.load(str(tmp_path))
     split = Split.load(local_split + "/train/manifest.json")
     assert split.num_samples == 60 and split.resolution == RES and len(split.shards) == 9
@@ -291,6 +292,8 @@ def test_a_missing_shard_fails_at_once_naming_it(tmp_path, bucket, s3_server):
 def test_an_unreachable_store_fails_after_the_retries(tmp_path, local_split, free_port):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port}")
+        mp.setenv("AWS_ACCESS_KEY_ID", "test")  # (credentials: a refused connection is what is tested)
+        mp.setenv("AWS_SECRET_ACCESS_KEY", "test")
         from data_prep.storage import S3Store
 
         with pytest.raises(StorageError, match="failed 3 times in a row"):

@@ -27,7 +27,7 @@ def data(tmp_path_factory):
 
 def vdvae(*args, cwd, env=None):
     env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "launch.cli", *args], capture_output=True, text=True,
                           cwd=cwd, env=env, timeout=120)
 
 
@@ -112,7 +112,7 @@ def test_prep_scripts(data):
     assert mpi.returncode == 0, mpi.stderr
     bash_syntax_ok(mpi.stdout)
     assert "#SBATCH --ntasks=8" in mpi.stdout
-    assert f"\nmpirun {sys.executable} -m pipeline.cli prep folder --src {data}/src --out s3://bucket/x " \
+    assert f"\nmpirun {sys.executable} -m launch.cli prep folder --src {data}/src --out s3://bucket/x " \
            "--resolution 8\n" in mpi.stdout
     srun = vdvae("submit", "prep", "folder", "--src", "src", "--out", "s3://bucket/x", "--launcher", "srun",
                  "--dry-run", cwd=data)
@@ -135,5 +135,5 @@ def test_eval_script(data):
     assert out.returncode == 0, out.stderr
     bash_syntax_ok(out.stdout)
     assert "#SBATCH --gpus-per-task=1" in out.stdout
-    assert f"srun --ntasks=1 {sys.executable} -m pipeline.cli eval {data}/data --data {data}/data --split valid" \
+    assert f"srun --ntasks=1 {sys.executable} -m launch.cli eval {data}/data --data {data}/data --split valid" \
         in out.stdout

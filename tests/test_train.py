@@ -29,7 +29,7 @@ def data(tmp_path_factory):
 
 
 def launch(data, run_dir: Path, port: int, *settings: str, world: int = 2, wait: bool = True):
-    cmd = [sys.executable, "-m", "pipeline.cli", "train", "--preset", "cifar10", "--data", data["data"],
+    cmd = [sys.executable, "-m", "launch.cli", "train", "--preset", "cifar10", "--data", data["data"],
            "--run-dir", str(run_dir), f"model_json={data['model_json']}", "batch_per_gpu=4", "lr=2e-3",
            "warmup_iters=2", "workers=0", "log_every=1", *settings]
     procs = []
@@ -122,7 +122,7 @@ def test_sigusr1_on_one_rank_saves_and_exits_for_requeue_on_all(data, tmp_path, 
     import signal
     import time
 
-    from pipeline.train import REQUEUE_EXIT_CODE
+    from pipeline.distributed import REQUEUE_EXIT_CODE
 
     run = tmp_path / "run"
     procs = launch(data, run, free_port, "zero_stage=2", "max_steps=100000", "checkpoint_every=100000", wait=False)
@@ -153,7 +153,7 @@ def test_activation_checkpointing_gives_the_same_losses(data, tmp_path, free_por
 def test_export_then_sample_and_eval_without_deepspeed(data, tmp_path, free_port, settings):
     import torch
 
-    from pipeline.export import consolidate
+    from pipeline.checkpoint import consolidate
     from pipeline.weights import load_weights
 
     run = tmp_path / "run"
@@ -165,7 +165,7 @@ def test_export_then_sample_and_eval_without_deepspeed(data, tmp_path, free_port
     _, _, model_sd, ema_sd = consolidate(run)
     assert any(not torch.equal(model_sd[k], ema_sd[k]) for k in model_sd)
     out = tmp_path / "export"
-    cli = [sys.executable, "-m", "pipeline.cli"]
+    cli = [sys.executable, "-m", "launch.cli"]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     subprocess.run([*cli, "export", "--run-dir", str(run), "--out", str(out)], check=True, env=env, cwd=ROOT)
     assert {p.name for p in out.iterdir()} == {"model.pt", "model-ema.pt", "cifar10-model.th", "cifar10-model-ema.th"}
@@ -201,7 +201,15 @@ def test_kill_9_then_restart_gives_the_losses_of_an_uninterrupted_run(data, tmp_
         proc.wait()
     assert max(losses(killed)) < 9
     launch(data, killed, free_port, "zero_stage=2", "max_steps=9", "checkpoint_every=3")
-    assert losses(killed) == losses(whole)  # replayed steps included: the last record of each step
+    assert losses(killed) == losses(whole)
+    # every step logged once: the jsonl truncated, TensorBoard purged past the resumed checkpoint
+    assert [r["step"] for r in records(killed)] == list(range(1, 10))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(killed / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/elbo")] == list(range(1, 10))
+    assert [e.value for e in events.Scalars("train/elbo")] == pytest.approx([losses(whole)[s] for s in range(1, 10)])
 
 
 def test_started_by_mpirun(data, tmp_path, free_port):
@@ -209,7 +217,7 @@ def test_started_by_mpirun(data, tmp_path, free_port):
     run = tmp_path / "run"
     cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-n", "2", "-x", f"MASTER_PORT={free_port}",
            "-x", "DS_ACCELERATOR=cpu", "-x", "OMP_NUM_THREADS=1", "-x", f"PYTHONPATH={ROOT}",
-           sys.executable, "-m", "pipeline.cli", "train", "--preset", "cifar10", "--data", data["data"],
+           sys.executable, "-m", "launch.cli", "train", "--preset", "cifar10", "--data", data["data"],
            "--run-dir", str(run), f"model_json={data['model_json']}", "batch_per_gpu=4", "workers=0",
            "log_every=1", "max_steps=2", "zero_stage=2"]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
@@ -263,13 +271,13 @@ def test_sample_from_an_official_checkpoint(tmp_path):
 
     torch.manual_seed(0)
     torch.save(official_state_dict(VDVAE(get_preset("cifar10").model)), tmp_path / "cifar10-model-ema.th")
-    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "sample", str(tmp_path / "cifar10-model-ema.th"),
+    out = subprocess.run([sys.executable, "-m", "launch.cli", "sample", str(tmp_path / "cifar10-model-ema.th"),
                           "--preset", "cifar10", "--out", str(tmp_path / "g.png"), "--num", "2",
                           "--temperatures", "0.8"], capture_output=True, text=True, cwd=ROOT,
                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert out.returncode == 0, out.stderr[-2000:]
     assert Image.open(tmp_path / "g.png").size == (2 * 34 + 2, 34 + 2)
-    missing = subprocess.run([sys.executable, "-m", "pipeline.cli", "sample", str(tmp_path / "cifar10-model-ema.th"),
+    missing = subprocess.run([sys.executable, "-m", "launch.cli", "sample", str(tmp_path / "cifar10-model-ema.th"),
                               "--out", str(tmp_path / "h.png")], capture_output=True, text=True, cwd=ROOT,
                              env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert missing.returncode == 2 and "give its --preset" in missing.stderr

@@ -119,7 +119,7 @@ def bare_on_cores(paths: list[Path], dataset: str, cores: list[int]) -> float:
 
 def run_prep(dataset: str, src: Path, out: str, env: dict, mpi: int = 0, samples_per_shard: int = 4,
              core: int | None = None) -> float:
-    cmd = [sys.executable, "-m", "pipeline.cli", "prep", dataset, "--src", str(src), "--out", out,
+    cmd = [sys.executable, "-m", "launch.cli", "prep", dataset, "--src", str(src), "--out", out,
            "--samples-per-shard", str(samples_per_shard)]
     if mpi:
         cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "--bind-to", "core", "-n", str(mpi), *cmd]

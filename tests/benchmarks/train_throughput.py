@@ -59,8 +59,10 @@ def worker(args) -> None:
 
     from model import VDVAE
     from pipeline.config import RunConfig
-    from pipeline.distributed import share_fp32_master, without_shared_memory_op
-    from pipeline.update import EMA, UpdateRule
+    from pipeline.distributed import without_shared_memory_op
+    from pipeline.ema import EMA
+    from pipeline.engine import share_fp32_master
+    from pipeline.update import UpdateRule
 
     without_shared_memory_op()
     deepspeed.init_distributed(dist_backend="gloo")
@@ -73,7 +75,7 @@ def worker(args) -> None:
     if not args.separate_master:
         share_fp32_master(engine)  # as the trainer does
     rule = UpdateRule(engine, config.grad_clip, config.skip_threshold)
-    ema = EMA(engine, config.ema_rate)
+    ema = EMA(engine, config.ema_rate, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))
     size = config.model_config().image_size
     gen = torch.Generator().manual_seed(int(os.environ["RANK"]))
     images = torch.randint(0, 256, (args.batch, size, size, 3), dtype=torch.uint8, generator=gen)

@@ -33,7 +33,8 @@ from conftest import TINY  # noqa: E402
 from model import VDVAE  # noqa: E402
 from pipeline.config import RunConfig  # noqa: E402
 from pipeline.distributed import without_shared_memory_op  # noqa: E402
-from pipeline.update import EMA, UpdateRule  # noqa: E402
+from pipeline.ema import EMA  # noqa: E402
+from pipeline.update import UpdateRule  # noqa: E402
 
 stage = int(sys.argv[1])
 rank = int(os.environ["RANK"])
@@ -53,7 +54,7 @@ if stage > 0:
     engine.optimizer.loss_scaler = DynamicLossScaler(init_scale=1.0, scale_window=1000, min_scale=1e-4,
                                                      delayed_shift=1, consecutive_hysteresis=False)
 rule = UpdateRule(engine, config.grad_clip, config.skip_threshold)
-ema = EMA(engine, 0.9)
+ema = EMA(engine, 0.9, rank, int(os.environ["WORLD_SIZE"]))
 
 
 def images(r: int, step: int) -> torch.Tensor:

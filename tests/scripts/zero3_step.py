@@ -20,7 +20,8 @@ import deepspeed  # noqa: E402
 from conftest import TINY  # noqa: E402
 
 from model import VDVAE  # noqa: E402
-from pipeline.distributed import share_fp32_master, without_shared_memory_op  # noqa: E402
+from pipeline.distributed import without_shared_memory_op  # noqa: E402
+from pipeline.engine import share_fp32_master  # noqa: E402
 
 policy, reentrant = sys.argv[1], sys.argv[2] == "1"
 torch.manual_seed(0)

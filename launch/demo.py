@@ -6,25 +6,28 @@
 3. `vdvae train` on 2 local DeepSpeed processes (ZeRO-2, bf16, gloo) streams the shards into a small
    32 px VDVAE: TensorBoard logs, checkpoints, a sample grid PNG.
 Every step is the production code path; only the storage (a folder, not S3) and the launcher (two
-local processes, not srun) differ.
+local processes, `local.py`, not srun) differ.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
-import subprocess
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+import skimage
 from PIL import Image
+from sklearn.datasets import load_sample_images
 
+from data_prep.prep import prep
 from model import ModelConfig, get_preset
+from pipeline.checkpoint import latest_tag
+
+from .local import train_locally
 
 # A 32 px VDVAE with cifar10's normalisation and every kind of block the
 # paper's presets use, small enough to train for a few minutes on two cores.
@@ -45,12 +48,6 @@ SKIMAGE_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "hubble_deep_fie
 
 def photographs() -> list[np.ndarray]:
     """The RGB photographs shipped inside scikit-image and scikit-learn, as uint8 HWC arrays."""
-    try:
-        import skimage
-        from sklearn.datasets import load_sample_images
-    except ImportError as err:  # pragma: no cover - installed by scripts/setup.sh
-        raise SystemExit(f"the demo needs the photographs of scikit-image and scikit-learn ({err}): "
-                         "run `make demo`, or pip install scikit-image scikit-learn") from err
     folder = Path(skimage.__file__).parent / "data"
     photos = [np.asarray(Image.open(folder / name).convert("RGB")) for name in SKIMAGE_PHOTOS
               if (folder / name).is_file()]
@@ -85,43 +82,7 @@ def make_ffhq_like(root: Path, count: int, seed: int = 0) -> Path:
     return folder
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def train_locally(settings: list[str], world: int, log_dir: Path) -> int:
-    """`vdvae train` as `world` local DeepSpeed ranks (as srun would start them); rank 0's output shown,
-    every rank's kept in log_dir/rank<r>.log. Returns the first nonzero exit status, else 0."""
-    port = _free_port()
-    procs, logs = [], []
-    for rank in range(world):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-        logs.append(open(log_dir / f"rank{rank}.log", "w"))
-        procs.append(subprocess.Popen([sys.executable, "-m", "pipeline.cli", "train", *settings], env=env,
-                                      stdout=subprocess.PIPE if rank == 0 else logs[-1],
-                                      stderr=logs[-1], text=True))
-    try:
-        for line in procs[0].stdout:
-            logs[0].write(line)
-            if line.startswith(("step ", "resumed", "stopped")) or "error" in line.lower():
-                print(f"  {line}", end="", flush=True)
-        codes = [p.wait() for p in procs]
-    except KeyboardInterrupt:
-        for p in procs:
-            p.terminate()
-        raise
-    finally:
-        for f in logs:
-            f.close()
-    return next((c for c in codes if c != 0), 0)
-
-
 def run_demo(out_dir: Path, steps: int = 1500, images: int = 4000, world: int = 2) -> int:
-    from data_prep.prep import prep
-
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -154,7 +115,7 @@ def run_demo(out_dir: Path, steps: int = 1500, images: int = 4000, world: int = 
         return status
 
     grids = sorted((run / "samples").glob("*-samples.png"))
-    latest = (run / "checkpoints" / "latest").read_text().strip()
+    latest = latest_tag(run)
     print(f"\ndemo: done in {time.perf_counter() - start:.0f} s")
     print(f"  samples:     {grids[-1] if grids else '-'}")
     print(f"  checkpoint:  {run}/checkpoints/{latest}")

@@ -1,0 +1,38 @@
+"""The `vdvae` command: one parser, a subcommand group per module of `launch/commands/`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from data_prep.source import SourceError
+from data_prep.storage import StorageError
+
+from .commands import data, demo, models, submit, train
+from .slurm import SubmitError
+
+COMMAND_GROUPS = (models, data, train, submit, demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vdvae",
+        description="Train Very Deep VAEs (Child, 2021) on Slurm clusters from webdataset shards on S3.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for group in COMMAND_GROUPS:
+        group.add_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, StorageError, SubmitError, SourceError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

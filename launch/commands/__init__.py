@@ -1,0 +1,1 @@
+"""The `vdvae` subcommands, a module per group; each has `add_commands(subparsers)`."""
