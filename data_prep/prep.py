@@ -20,6 +20,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -28,10 +29,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from . import cifar10, ffhq, folder, imagenet
-from .shards import FORMAT, Sample, ShardInfo, ShardWriter, verify_shard
+from .parallel import SINGLE, Ranks, assign_shards, wait_for_all_ranks
+from .shards import FORMAT, MANIFEST, Sample, ShardInfo, ShardWriter, build_manifest, manifest_bytes, verify_shard
 from .source import Rejected, SourceError, SplitPlan
 from .storage import ObjectWriter, open_store
-from .parallel import SINGLE, Ranks, assign_shards, wait_for_all_ranks
 
 READERS = {
     "cifar10": cifar10.plan,
@@ -333,32 +334,9 @@ def _finalize_split(options: PrepOptions, split: str, plan: SplitPlan, out_url: 
                           f"({', '.join(_shard_name(split, i) for i in missing[:5])}{' ...' if len(missing) > 5 else ''}); "
                           "run the prep again (or the array tasks that failed), then finalize")
     shards = [records[i] for i in range(num_shards)]
-    histogram = np.sum([r["histogram"] for r in shards], 0)  # (3, 256) pixel counts
-    levels = np.arange(256)
-    n_pix = histogram.sum(1)
-    mean = (histogram * levels).sum(1) / n_pix
-    std = np.sqrt((histogram * (levels - mean[:, None]) ** 2).sum(1) / n_pix)
-    conversions: dict[str, int] = {}
-    for r in shards:  # records written before conversions were counted have none
-        for conversion, count in r.get("conversions", {}).items():
-            conversions[conversion] = conversions.get(conversion, 0) + count
-    manifest = {
-        "format": FORMAT,
-        "dataset": options.dataset,
-        "split": split,
-        "how": plan.how,
-        "fingerprint": fingerprint,
-        "num_samples": sum(r["count"] for r in shards),
-        "resolution": plan.resolution,
-        "bits": DATASET_BITS[options.dataset],
-        "channel_mean": [round(float(v), 6) for v in mean],
-        "channel_std": [round(float(v), 6) for v in std],
-        "shards": [{k: r[k] for k in ("name", "count", "bytes", "sha256", "offsets", "digests")} for r in shards],
-        "rejections": [bad for r in shards for bad in r["rejections"]],
-        "conversions": dict(sorted(conversions.items())),
-        "tool_version": _tool_version(),
-    }
-    store.write_bytes("manifest.json", (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
+    manifest = build_manifest(options.dataset, split, plan.how, fingerprint, plan.resolution,
+                              DATASET_BITS[options.dataset], shards, _tool_version())
+    store.write_bytes(MANIFEST, manifest_bytes(manifest))
     if progress:
         total_bytes = sum(r["bytes"] for r in shards)
         print(f"{options.dataset}/{split}: {manifest['num_samples']} samples in {len(shards)} shards, "
@@ -369,8 +347,6 @@ def _finalize_split(options: PrepOptions, split: str, plan: SplitPlan, out_url: 
 
 def _tool_version() -> str:
     try:
-        from importlib.metadata import version
-
         return version("vdvae-pipeline")
-    except Exception:  # running from a checkout without installing
+    except PackageNotFoundError:  # running from a checkout without installing
         return "unknown"

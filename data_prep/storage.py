@@ -33,8 +33,14 @@ import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor
 from typing import BinaryIO, Callable, Protocol, runtime_checkable
 from urllib.parse import urlparse
+
+import boto3
+from boto3.exceptions import S3UploadFailedError
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
 
 
 class StorageError(RuntimeError):
@@ -140,17 +146,9 @@ class LocalStore:
 
     def download(self, name: str, path: Path) -> None:
         """Copy a file to `path` (through a temporary beside it, renamed when complete)."""
-        path = Path(path)
-        tmp = path.parent / temporary_name(path.name)
-        try:
-            with self.open_reader(name) as reader, open(tmp, "wb") as f:
-                shutil.copyfileobj(reader, f, 1 << 22)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        with self.open_reader(name) as reader:
+            LocalStore(Path(path).parent).write_with(Path(path).name,
+                                                     lambda f: shutil.copyfileobj(reader, f, 1 << 22))
 
     def list(self) -> list[str]:
         if not self.root.is_dir():
@@ -463,16 +461,12 @@ class S3Store:
         with _CLIENTS_LOCK:
             if key not in _CLIENTS:
                 if settings not in _SESSIONS:
-                    import boto3
-
                     _SESSIONS[settings] = boto3.session.Session()
                 _CLIENTS[key] = S3Store._make_client(_SESSIONS[settings], sign_payload)
             return _CLIENTS[key]
 
     @staticmethod
     def _make_client(session, sign_payload: bool):
-        from botocore.config import Config
-
         # checksums when the caller gives one (shards carry their SHA-256) or S3 requires one, not a
         # CRC32 pass over every upload besides
         return session.client("s3", config=Config(
@@ -483,8 +477,6 @@ class S3Store:
     def _client_of_kind(self, sign_payload: bool):
         """The shared client; settings it cannot be made with (a malformed endpoint URL, an AWS profile
         that does not exist, half the credentials) fail at once, naming this store."""
-        from botocore.exceptions import BotoCoreError
-
         try:
             return self._shared_client(sign_payload)
         except (BotoCoreError, ValueError) as err:
@@ -524,9 +516,6 @@ class S3Store:
         """Run one request, retrying transient failures (server down, reset, 5xx, throttling) with
         `self.retry`'s backoff, saying on stderr what it waits for once the waits pass `QUIET_WAIT` s;
         one that no retry mends (no credentials, access refused, missing bucket) fails at once."""
-        from boto3.exceptions import S3UploadFailedError
-        from botocore.exceptions import BotoCoreError, ClientError
-
         url = f"{self.url}/{name}"
         retrying = _Retrying(self.retry, url, what.removesuffix(" of"))
         while True:
@@ -626,15 +615,9 @@ class S3Store:
 
     def download(self, name: str, path: Path) -> None:
         """Stream an object to a local file (through a temporary, renamed when complete)."""
-        path = Path(path)
-        tmp = path.parent / temporary_name(path.name)
-        try:
-            with self.open_reader(name) as reader, open(tmp, "wb") as f:
-                shutil.copyfileobj(reader, f, 1 << 22)
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        with self.open_reader(name) as reader:
+            LocalStore(Path(path).parent).write_with(Path(path).name,
+                                                     lambda f: shutil.copyfileobj(reader, f, 1 << 22))
 
     def open_writer(self, name: str) -> "S3Writer":
         return S3Writer(self, name)
@@ -696,8 +679,6 @@ class S3Writer:
     """
 
     def __init__(self, store: S3Store, name: str):
-        from concurrent.futures import ThreadPoolExecutor
-
         self._store, self._name = store, name
         self._buffer = bytearray()
         self._upload_id: str | None = None

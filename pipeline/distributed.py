@@ -79,6 +79,7 @@ def local_rank(ranks: Ranks) -> int:
 
 def init_distributed() -> Ranks:
     """Set RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* from the launcher and start DeepSpeed's process group."""
+    # (here, not at the top: see the note under the imports)
     import deepspeed
     import torch
 

@@ -22,8 +22,8 @@ timing:
 
 The state is (epoch, batches handed out in that epoch): restoring it yields
 exactly the batches, keys included, that would have come next, with any
-worker count. A sample that does not decode (or is missing from a
-truncated shard) is counted in `Batch.skipped`; in training its row is
+worker count. A sample that does not decode, differs from its digest in
+the manifest, or is missing from a truncated shard, is counted in `Batch.skipped`; in training its row is
 filled with another sample of the same piece, in evaluation the row is
 masked out (`Batch.valid`), so no rank ever yields fewer batches.
 
@@ -67,12 +67,12 @@ class _Sample:
     fields: dict[str, bytes] | None  # None: missing from the shard (truncated) or damaged
 
 
-def _read_segment(store, shard: ShardInfo, start: int, stop: int, retry: Retry) -> list[_Sample]:
+def _read_segment(store, shard: ShardInfo, start: int, stop: int, retry: Retry, verify: bool) -> list[_Sample]:
     """Samples start..stop-1 of a shard, with one ranged read, each checked against its digest; the
     missing (a truncated shard) and damaged ones marked unreadable."""
     data = store.read_range(shard.name, shard.offsets[start], shard.offsets[stop], retry)
     return [_Sample(key or f"{shard.name}#{i}", fields)
-            for i, (key, fields) in enumerate(split_samples(data, shard, start, stop), start)]
+            for i, (key, fields) in enumerate(split_samples(data, shard, start, stop, verify), start)]
 
 
 def _decode(sample: _Sample, resolution: int) -> np.ndarray | None:
@@ -151,6 +151,7 @@ class _Plan:
     seed: int
     train: bool
     piece_samples: int
+    verify: bool = True
     batches_per_epoch: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -236,7 +237,8 @@ class _PieceReader(torch.utils.data.IterableDataset):
     def _read(self, piece: _Piece) -> list[_Sample]:
         samples = []
         for shard, start, stop in piece.segments:
-            samples += _read_segment(self.store, self.plan.split.shards[shard], start, stop, self.retry)
+            samples += _read_segment(self.store, self.plan.split.shards[shard], start, stop, self.retry,
+                                     self.plan.verify)
         if self.plan.train:
             rng = np.random.default_rng([self.plan.seed, self.epoch, self.plan.rank, piece.index])
             samples = [samples[i] for i in rng.permutation(len(samples))]
@@ -310,12 +312,14 @@ class ShardStream:
     `iter(stream)` yields the rest of the current epoch and then moves to the
     next epoch; `forever()` chains epochs. `state_dict()` after a batch was
     handed out says that batch was consumed: save it with the checkpoint of
-    the step that used the batch.
+    the step that used the batch. Every sample is checked against its
+    digest in the manifest; `verify=False` skips that (only to measure its
+    cost: damaged bytes would then train).
     """
 
     def __init__(self, url: str, batch_size: int, *, rank: int = 0, world: int = 1, seed: int = 0,
                  train: bool = True, workers: int = 0, piece_samples: int | None = None,
-                 pin_memory: bool = False, prefetch: int = 2, retry: Retry | None = None):
+                 pin_memory: bool = False, prefetch: int = 2, retry: Retry | None = None, verify: bool = True):
         if batch_size <= 0:
             raise StreamError(f"batch_size={batch_size} must be positive")
         if not 0 <= rank < world:
@@ -327,7 +331,7 @@ class ShardStream:
         if piece % batch_size:
             raise StreamError(f"piece_samples={piece} must be a multiple of batch_size={batch_size}")
         self.split = split
-        self.plan = _Plan(split, batch_size, rank, world, seed, train, piece)
+        self.plan = _Plan(split, batch_size, rank, world, seed, train, piece, verify)
         self.workers, self.pin_memory, self.prefetch = workers, pin_memory, prefetch
         self.retry = retry or Retry()
         self.epoch, self.batch = 0, 0

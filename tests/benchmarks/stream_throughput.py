@@ -12,7 +12,9 @@ is printed apart), beside:
   - bare: decoding the same PNG bytes, already in memory, with PIL into a
     uint8 array (the floor: no I/O, no tar, no batching);
   - webdataset: stock `webdataset.WebDataset(...).decode("rgb8")` over the
-    same local shards, one process.
+    same local shards, one process;
+  - unverified: the same local stream without its per-sample digest check
+    (`verify=False`), run in turn with the verified one, for the check's cost.
 Every timing is the median of --repeats. Prints one JSON line per size.
 """
 
@@ -35,7 +37,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from data_prep.prep import prep  # noqa: E402
-from pipeline.stream import ShardStream, Split, parse_tar  # noqa: E402
+from data_prep.shards import Split, parse_tar  # noqa: E402
+from pipeline.stream import ShardStream  # noqa: E402
 from services import SeaweedFS  # noqa: E402
 
 COUNT = {32: 20000, 64: 8000, 256: 600, 1024: 48}  # images per size: a few seconds of streaming each
@@ -98,11 +101,11 @@ def main() -> None:
 
                 first_batch_s = {}
 
-                def stream(url, batch=batch, first_batch_s=first_batch_s):
+                def stream(url, batch=batch, first_batch_s=first_batch_s, verify=True):
                     """Steady state: images after the first batch over the time after it."""
                     start = time.perf_counter()
                     count = 0
-                    for b in ShardStream(url, batch, workers=args.workers):
+                    for b in ShardStream(url, batch, workers=args.workers, verify=verify):
                         if count == 0:
                             first = time.perf_counter()
                             first_batch_s[url] = round(first - start, 3)
@@ -115,9 +118,14 @@ def main() -> None:
                     urls = [str(Path(local, "train", s.name)) for s in split.shards]
                     for _ in wds.WebDataset(urls, shardshuffle=False).decode("rgb8"):
                         pass
+                verified, unverified = [], []
+                for _ in range(args.repeats):  # in turn, so that a slow stretch of the host hits both
+                    verified.append(stream(f"{local}/train"))
+                    unverified.append(stream(f"{local}/train", verify=False))
                 rates = {
                     "bare_decode": median_rate(n, bare, args.repeats),
-                    "stream_local": median_rate(n, lambda local=local: stream(f"{local}/train"), args.repeats),
+                    "stream_local": float(np.median(verified)),
+                    "stream_local_unverified": float(np.median(unverified)),
                     "stream_s3": median_rate(n, lambda s3=s3: stream(f"{s3}/train"), args.repeats),
                     "webdataset_local": median_rate(n, stock, args.repeats),
                 }
@@ -125,6 +133,7 @@ def main() -> None:
                     "size": size, "images": n, "batch": batch, "workers": args.workers,
                     **{f"{k}_images_per_s": round(v, 1) for k, v in rates.items()},
                     "stream_time_over_bare": round(rates["bare_decode"] / rates["stream_local"], 3),
+                    "verified_over_unverified": round(rates["stream_local"] / rates["stream_local_unverified"], 3),
                     "s3_over_local": round(rates["stream_s3"] / rates["stream_local"], 3),
                     "stream_over_webdataset": round(rates["stream_local"] / rates["webdataset_local"], 2),
                     "first_batch_s": first_batch_s,
