@@ -24,6 +24,9 @@ from pathlib import Path
 
 from pipeline.distributed import REQUEUE_EXIT_CODE
 
+PREP_LAUNCHERS = {"mpirun": "mpirun", "srun": "srun --kill-on-bad-exit=1 --mpi=pmix"}
+"""How `vdvae submit prep` starts MPI ranks: mpirun inside the allocation, or srun with Slurm's PMIx."""
+
 TEMPLATES = Path(__file__).resolve().parent
 _FIELD = re.compile(r"\{\{(\w+)\}\}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
@@ -217,7 +220,7 @@ def prep_scripts(res: Resources, prep_args: list[str], log_dir: Path, ranks: int
         return [render("prep_array.sbatch", **common, ntasks=str(ranks), last_task=str(ranks - 1),
                        prep_args=quoted),
                 render("prep_finalize.sbatch", **common, prep_args=quoted)]
-    launchers = {"mpirun": "mpirun", "srun": "srun --kill-on-bad-exit=1 --mpi=pmix"}
+    launchers = PREP_LAUNCHERS
     if launcher not in launchers:
         raise SubmitError(f"--launcher {launcher!r}: choose mpirun (inside the allocation) or srun "
                           "(needs Slurm's PMIx support)")

@@ -219,11 +219,12 @@ class Mirror:
         def fetch(url: str, into: Path) -> None:
             store = open_store(url)
             into.mkdir(parents=True, exist_ok=True)
+            for name in store.list() + store.list_folders():
+                if name in (".", "..") or "/" in name or "\\" in name:  # never outside the run folder
+                    raise CheckpointError(f"{url}: refusing the name {name!r}")
             for name in store.list():
                 store.download(name, into / name)
             for sub in store.list_folders():
-                if sub in (".", "..") or "/" in sub:
-                    raise CheckpointError(f"{url}: refusing the folder name {sub!r}")
                 fetch(f"{url}/{sub}", into / sub)
         fetch(f"{self.url}/{tag}", folder / tag)
         LocalStore(folder).write_bytes(LATEST, tag.encode())

@@ -7,7 +7,7 @@ import sys
 
 from pipeline.config import RunConfig, batch_problem, check_data
 
-from ..slurm import Resources, SubmitError, absolute, eval_script, prep_scripts, sbatch, train_script
+from ..slurm import PREP_LAUNCHERS, Resources, SubmitError, absolute, eval_script, prep_scripts, sbatch, train_script
 from .data import PREP_OPTIONS, prep_arguments
 from .models import EVAL_OPTIONS, eval_arguments
 from .train import train_arguments
@@ -148,7 +148,7 @@ def add_commands(sub) -> None:
     prep_arguments(q)
     q.add_argument("--ranks", type=int, default=2, help="processes (MPI ranks or array tasks; default %(default)s)")
     q.add_argument("--array", action="store_true", help="an array job plus a finalize job instead of MPI")
-    q.add_argument("--launcher", choices=["mpirun", "srun"], default="mpirun",
+    q.add_argument("--launcher", choices=tuple(PREP_LAUNCHERS), default="mpirun",
                    help="how MPI ranks start (default %(default)s; srun needs Slurm built with PMIx)")
     q.add_argument("--log-dir", default="vdvae-logs", help="folder for the job logs (default ./%(default)s)")
     _slurm_options(q, nodes=False)
