@@ -12,6 +12,7 @@ on CPU.
 
 from __future__ import annotations
 
+import gc
 import importlib
 import os
 import re
@@ -99,8 +100,39 @@ def init_distributed() -> Ranks:
     else:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         without_shared_memory_op()
+    # Before the group exists: torch.distributed.nn's functions take `group=group.WORLD` as a default
+    # argument, evaluated at import, and torch imports the module midway through a run; imported after
+    # the start, every one of them holds the WORLD group for the life of the interpreter (see
+    # end_distributed).
+    import torch.distributed.nn  # noqa: F401  (the reason is above)
+
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=False)
     return ranks
+
+
+def end_distributed(together: bool = True) -> None:
+    """Destroy the process groups now, while the interpreter is whole; the caller has let go of
+    DeepSpeed's engine first. `together`: every rank comes here in step (the end of a run, or the
+    checkpoint of a signal); False on an error's way out, where another rank may never come.
+
+    `destroy_process_group()` alone only makes torch forget the groups. Each is a C++ object with
+    threads (gloo's workers and I/O loop) and sockets (to the other ranks and to rank 0's store) that
+    lives while anything references it, and DeepSpeed does: the engine, its optimizer, each parameter
+    (`_dp_group`), `deepspeed.utils.groups`. Left so, the groups were torn down during interpreter
+    finalization, in the order its collection frees objects, one with the GIL let go and the other
+    not at all until exit(), while the other rank's teardown, rank 0's store included, ran at the
+    same moment; a finished rank aborted there ("terminate called without an active exception").
+    """
+    # (here, not at the top: see the note under the imports)
+    import deepspeed.comm as ds_dist
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    if together:
+        dist.barrier()  # no rank tears its group down while another is still in a collective with it
+    ds_dist.destroy_process_group()  # torch's group, then DeepSpeed's references to it
+    gc.collect()  # the engine's reference cycles: the groups' threads are joined here, not at exit
 
 
 def without_shared_memory_op() -> None:
