@@ -8,9 +8,15 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+
+Generators = torch.Generator | Sequence[torch.Generator] | None
+"""The latent noise's source: the global stream (None), one generator, or one generator per row."""
+
+_LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
 def _fp32(*tensors: torch.Tensor) -> list[torch.Tensor]:
@@ -84,15 +90,35 @@ class _Reparameterise(torch.autograd.Function):
         return grad, grad * (z - mu), None
 
 
-def sample_gaussian(mu: torch.Tensor, logsigma: torch.Tensor,
-                    generator: torch.Generator | None = None) -> torch.Tensor:
-    """A reparameterised sample `mu + e^logsigma * eps`, in fp32."""
+def gaussian_log_prob_sum(z: torch.Tensor, mu: torch.Tensor, logsigma: torch.Tensor) -> torch.Tensor:
+    """log N(z; mu, e^logsigma) summed per image: (N, C, H, W) inputs -> (N,), fp32."""
+    with _no_autocast(z.device.type):
+        z, mu, logsigma = _fp32(z, mu, logsigma)
+        scaled = (z - mu) * torch.exp(-logsigma)
+        return (-0.5 * scaled * scaled - logsigma - _LOG_SQRT_2PI).sum(dim=(1, 2, 3))
+
+
+def _standard_normal(like: torch.Tensor, generator: Generators) -> torch.Tensor:
+    """Noise shaped like `like`, drawn in logical (N, C, H, W) order; with a sequence of
+    generators, row i from generator i alone."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+    if len(generator) != like.shape[0]:
+        raise ValueError(f"{len(generator)} generators for {like.shape[0]} rows: one per row")
+    return torch.stack([torch.randn(like.shape[1:], generator=g, device=like.device, dtype=like.dtype)
+                        for g in generator])
+
+
+def sample_gaussian(mu: torch.Tensor, logsigma: torch.Tensor, generator: Generators = None) -> torch.Tensor:
+    """A reparameterised sample `mu + e^logsigma * eps`, in fp32.
+
+    generator: None (the global stream), one generator, or one per row of mu.
+    """
     with _no_autocast(mu.device.type):
         mu, logsigma = _fp32(mu, logsigma)
         # Drawn in logical (N, C, H, W) order, as the official code draws it,
         # then laid out like mu (channels last) so the arithmetic stays in one layout.
-        eps = torch.empty_like(mu).copy_(
-            torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype))
+        eps = torch.empty_like(mu).copy_(_standard_normal(mu, generator))
         return _Reparameterise.apply(mu, logsigma, eps)
 
 

@@ -12,6 +12,8 @@ runs (each measured in tests/benchmarks/RESULTS.md):
 - per-image KL sums with an analytic backward, instead of per-pixel KL maps
   held by autograd;
 - unconditional and "keep the first k latent groups" sampling in one pass;
+- the sampled log-densities of posterior draws (`log_densities`, `log_weights`)
+  besides the analytic KL, for the importance-weighted bound;
 - optional activation checkpointing per block, and an output head evaluated
   in bands of rows, so that 1024 px trains in a few GB.
 """
@@ -27,7 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .likelihood import dmol_neg_log_prob, dmol_sample, gaussian_kl_sum, sample_gaussian, to_uint8
+from .likelihood import (Generators, dmol_neg_log_prob, dmol_sample, gaussian_kl_sum, gaussian_log_prob_sum,
+                         sample_gaussian, to_uint8)
 from .presets import ModelConfig
 
 Temperature = float | list[float] | tuple[float, ...] | None
@@ -225,14 +228,31 @@ class DecBlock(nn.Module):
         resolution (a checkpointed block computes its own instead, so that
         it is not stored).
         """
+        x, qm, qv, pm, pv = self._posterior_and_prior(x, lowres, acts, acts_activated)
+        z = sample_gaussian(qm, qv)
+        kl = gaussian_kl_sum(qm, pm, qv, pv)
+        return self._inject(x, z), kl, z
+
+    def _posterior_and_prior(self, x, lowres, acts, acts_activated):
+        """(x + the prior's residual part, posterior mean, log-std, prior mean, log-std)."""
         gelu_acts = acts if acts_activated else F.gelu(acts)
         x = self._input(x, lowres, gelu_acts.shape[0])
         gx = F.gelu(x)
         qm, qv = self.enc.tail(self.enc.c1(gx, gelu_acts)).chunk(2, dim=1)
         pm, pv, x = self._split_prior(self.prior.tail(self.prior.c1(gx)), x)
-        z = sample_gaussian(qm, qv)
-        kl = gaussian_kl_sum(qm, pm, qv, pv)
-        return self._inject(x, z), kl, z
+        return x, qm, qv, pm, pv
+
+    def log_densities(self, x: torch.Tensor | None, lowres: torch.Tensor | None, acts: torch.Tensor,
+                      acts_activated: bool = False, generator: Generators = None):
+        """Posterior pass with sampled densities instead of the analytic KL.
+
+        Returns the new state and, per image (N,) in fp32, log q(z|x) and
+        log p(z) of the z drawn from the posterior (the same draw as
+        `forward` makes from the same random state).
+        """
+        x, qm, qv, pm, pv = self._posterior_and_prior(x, lowres, acts, acts_activated)
+        z = sample_gaussian(qm, qv, generator)
+        return self._inject(x, z), gaussian_log_prob_sum(z, qm, qv), gaussian_log_prob_sum(z, pm, pv)
 
     def sample(self, x: torch.Tensor | None, lowres: torch.Tensor | None, batch: int,
                temperature: float | None, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -318,6 +338,23 @@ class Decoder(nn.Module):
             kls.append(kl)
         return (x, *kls)
 
+    def log_densities(self, activations: list[torch.Tensor], generator: Generators = None):
+        """Posterior pass with sampled densities: the state at image resolution and, per image
+        (N,) in fp32, log q(z|x) and log p(z) summed over the latent groups. No activation
+        checkpointing (for evaluation)."""
+        acts = {a.shape[2]: a for a in activations}
+        xs = self.initial_state(acts[self.cfg.image_size].dtype)
+        shared_gelu: dict[int, torch.Tensor] = {}
+        log_q = log_p = 0
+        for block in self.dec_blocks:
+            lowres = xs[block.mixin] if block.mixin is not None else None
+            if block.res not in shared_gelu:
+                shared_gelu[block.res] = F.gelu(acts[block.res])
+            xs[block.res], q, p = block.log_densities(xs.get(block.res), lowres, shared_gelu[block.res], True,
+                                                      generator)
+            log_q, log_p = log_q + q, log_p + p
+        return xs[self.cfg.image_size], log_q, log_p
+
     def sample(self, n: int, temperatures: list[float | None], activations: list[torch.Tensor] | None = None,
                num_posterior: int = 0, generator: torch.Generator | None = None) -> torch.Tensor:
         """DMoL parameters of n images: the first `num_posterior` latent groups from q(z|acts), the rest from the prior."""
@@ -348,6 +385,23 @@ class ElboTerms:
     def bpd(self) -> torch.Tensor:
         """The ELBO in bits per dimension."""
         return self.elbo / math.log(2.0)
+
+
+@dataclass
+class LogDensities:
+    """The log-densities of posterior draws, nats per image (not per dimension), fp32, (N, draws)."""
+
+    log_px_z: torch.Tensor
+    """log p(x | z): the DMoL log-likelihood summed over dimensions, on the ELBO's bit depth."""
+    log_pz: torch.Tensor
+    """log p(z): the prior's Gaussian log-density of the drawn z, summed over latent groups."""
+    log_qz: torch.Tensor
+    """log q(z | x): the posterior's Gaussian log-density of the same z."""
+
+    @property
+    def log_weight(self) -> torch.Tensor:
+        """The importance weight log p(x, z) - log q(z | x); its mean over draws is the ELBO."""
+        return self.log_px_z + self.log_pz - self.log_qz
 
 
 class VDVAE(nn.Module):
@@ -412,6 +466,37 @@ class VDVAE(nn.Module):
             per_image_elbo=per_image.detach(),
             per_group_rate=kls.detach().mean(1) / num_dims,
         )
+
+    def log_densities(self, images: torch.Tensor, draws: int = 1, generator: Generators = None) -> LogDensities:
+        """`draws` posterior draws per image of uint8 images (N, H, W, 3): their log-densities.
+
+        The encoder runs once; the decoder runs on N * draws rows, row
+        i * draws + j being draw j of image i. generator: None (the global
+        random stream: with draws=1 the same z as `elbo` draws from the
+        same state), one torch.Generator, or a sequence of N * draws
+        generators, one per row, each drawing that row's noise alone (so a
+        row's draw does not depend on the other rows).
+        """
+        if draws < 1:
+            raise ValueError(f"draws={draws}: must be at least 1")
+        inp, target = self.preprocess(images)
+        acts = self.encoder(inp.to(self.decoder.activation_dtype()))
+        if draws > 1:
+            acts = [_channels_last(a.repeat_interleave(draws, dim=0)) for a in acts]
+            target = target.repeat_interleave(draws, dim=0)
+        h, log_qz, log_pz = self.decoder.log_densities(acts, generator)
+        log_px_z = -self._neg_log_prob(h, target)
+        n = images.shape[0]
+        return LogDensities(log_px_z.float().view(n, draws), log_pz.float().view(n, draws),
+                            log_qz.float().view(n, draws))
+
+    def log_weights(self, images: torch.Tensor, generator: Generators = None) -> torch.Tensor:
+        """log p(x, z) - log q(z | x) of one posterior draw per image, (N,) nats, fp32.
+
+        Its expectation is the ELBO (per image, in nats); the importance-weighted
+        bound is the log-mean-exp of K of them.
+        """
+        return self.log_densities(images, 1, generator).log_weight[:, 0]
 
     def _head_neg_log_prob(self, h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return dmol_neg_log_prob(self.decoder.out_net(h), target, self.config.bits)
