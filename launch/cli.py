@@ -8,10 +8,10 @@ import sys
 from data_prep.source import SourceError
 from data_prep.storage import StorageError
 
-from .commands import data, demo, models, submit, train
+from .commands import analyze, data, demo, models, status, submit, train
 from .slurm import SubmitError
 
-COMMAND_GROUPS = (models, data, train, submit, demo)
+COMMAND_GROUPS = (models, analyze, data, train, submit, status, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -67,6 +67,10 @@ class RunConfig:
     keep_checkpoints: int = 3
     eval_every: int = 10000
     sample_every: int = 10000
+    max_consecutive_skips: int = 100
+    """Stop (after a checkpoint, with a status that is not requeued) once this many updates in a row were
+    skipped; 0: never. Skips are isolated in a healthy run (a few per thousand steps in the official
+    runs); 100 in a row means the gradient norms now sit above skip_threshold and nothing is learnt."""
     checkpoint_mirror: str = ""
     """Optional `s3://...` where checkpoints are mirrored and resumed from."""
     deepspeed_json: str = ""
@@ -117,6 +121,7 @@ class RunConfig:
             (min(self.log_every, self.checkpoint_every, self.eval_every, self.sample_every) > 0,
              "log_every, checkpoint_every, eval_every and sample_every must be positive"),
             (self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1"),
+            (self.max_consecutive_skips >= 0, "max_consecutive_skips must be >= 0 (0: never stop for skips)"),
             (not self.checkpoint_mirror or self.checkpoint_mirror.startswith("s3://"),
              "checkpoint_mirror must be an s3:// URL"),
         ]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -71,6 +72,16 @@ class Metrics:
     def text(self, name: str, text: str, step: int) -> None:
         if self.rank == 0:
             self.writer.add_text(name, text, step)
+
+    def alarm(self, message: str, step: int) -> None:
+        """Something a person must see: on the console, as a jsonl record and as TensorBoard text."""
+        if self.rank != 0:
+            return
+        print(f"ALARM {message}", file=sys.stderr, flush=True)
+        with open(self.run_dir / LOG_NAME, "a") as f:
+            f.write(json.dumps({"step": step, "alarm": message}) + "\n")
+        self.writer.add_text("alarms", message, step)
+        self.writer.flush()
 
     def image(self, name: str, image, step: int) -> None:
         """A uint8 (H, W, 3) image."""

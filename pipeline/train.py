@@ -24,11 +24,13 @@ from data_prep.storage import LocalStore
 
 from .checkpoint import Checkpointer
 from .config import RunConfig, validate_run
-from .distributed import REQUEUE_EXIT_CODE, detect_ranks, init_distributed
+from .distributed import REQUEUE_EXIT_CODE, detect_ranks, end_distributed, init_distributed
 from .ema import EMA
 from .engine import build_engine, device_of_this_rank
 from .evaluate import evaluate, sample_grids, samples_per_grid_row
 from .images import save_png
+from .health import STUCK_EXIT_CODE, Alarms, Stuck
+from .latents import LatentUsage, RateWindow
 from .metrics import Metrics, reduce_by_name, rss_gb
 from .stream import ShardStream
 from .update import UpdateRule
@@ -94,6 +96,8 @@ class Trainer:
             self.metrics.text("config", "```\n" + config.to_json() + "\n```", 0)
         elif self.rank == 0:
             print(f"resumed from {self.checkpointer.folder / resumed.tag} at step {self.step}", flush=True)
+        self.alarms = Alarms(config.max_consecutive_skips, config.skip_threshold, config.grad_clip, config.lr)
+        self.latent_window = RateWindow()
         self.signalled = False
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(sig, self._on_signal)
@@ -113,6 +117,8 @@ class Trainer:
             group["lr"] = lr_at(self.config, self.step)
         terms = self.engine(batch.to(self.device).images)
         self.engine.backward(terms.elbo)
+        # each micro-batch's per-group KL, summed on the device until _log_window reads the window back
+        self.latent_window.add(terms.per_group_rate)
         stats = self.rule.step()
         if stats is None:
             return None
@@ -148,15 +154,20 @@ class Trainer:
                 getattr(window, name).append(total[name] / self.world)
             window.grad_norm.append(grad_norm)
             window.images += len(batch) * self.world * config.grad_accum
-            if every(config.log_every, self.step, stop):
+            said, stuck = self.alarms.update(self.step, bool(skipped), total["nan_loss"] > 0, grad_norm)
+            for message in said + ([stuck] if stuck else []):
+                self.metrics.alarm(message, self.step)
+            if every(config.log_every, self.step, stop) or stuck:
                 self._log_window(window, total["unreadable_samples"])
                 window = _Window()
             if every(config.eval_every, self.step, stop):
                 self._evaluate()
             if every(config.sample_every, self.step, stop):
                 self._write_samples()
-            if every(config.checkpoint_every, self.step, stop) or total["signalled"] > 0:
+            if every(config.checkpoint_every, self.step, stop) or total["signalled"] > 0 or stuck:
                 self.checkpointer.save(self.step, self.counters)
+            if stuck:  # the same on every rank (skips and NaN losses are decided together)
+                raise Stuck(self.step, stuck)
             if total["signalled"] > 0:  # any rank was signalled: all saved, all stop
                 raise Preempted(self.step)
         return losses
@@ -179,8 +190,17 @@ class Trainer:
             "train/memory_gb": torch.cuda.max_memory_allocated() / 2**30 if self.device.type == "cuda" else rss_gb(),
             "train/skipped_samples": unreadable_samples,
         }
+        if self.config.precision == "fp16":  # DeepSpeed's dynamic loss scale
+            values["train/loss_scale"] = float(getattr(self.engine.optimizer, "loss_scale", math.nan))
+        # the window's per-group KL, mean over steps and ranks (a collective): latents/rate_<res>px, ...
+        rates = self.latent_window.take()
+        usage = None if rates is None else LatentUsage.of(rates, self.engine.module.config)
+        if usage is not None:
+            values |= usage.scalars("latents")
         for name, value in values.items():
             self.metrics.report(name, value, self.step)
+        if usage is not None and self.rank == 0:
+            self.metrics.image("latents/usage", usage.heatmap(), self.step)
         self.metrics.flush(self.step, f"elbo {values['train/elbo']:.4f} nats/dim ({values['train/bpd']:.4f} bpd), "
                                       f"grad norm {values['train/grad_norm']:.3g}, skipped "
                                       f"{values['train/skipped_updates']}, {values['train/images_per_s']:.1f} img/s")
@@ -190,10 +210,15 @@ class Trainer:
         stream = ShardStream(f"{self.config.data.rstrip('/')}/{split}", self.config.batch_per_gpu, rank=self.rank,
                              world=self.world, train=False, workers=self.config.workers)
         with self.ema.swapped():
-            result = evaluate(self.engine, stream, self.device, self.config.seed + 1 + self.rank)
+            result = evaluate(self.engine, stream, self.device, self.config.seed + 1 + self.rank, per_group=True)
         self.metrics.report("eval/elbo", result.elbo, self.step)
         self.metrics.report("eval/bpd", result.bpd, self.step)
         self.metrics.report("eval/images", result.images, self.step)
+        usage = LatentUsage.of(result.per_group_rate, self.engine.module.config)  # eval_latents/rate_<res>px, ...
+        for name, value in usage.scalars("eval_latents").items():
+            self.metrics.report(name, value, self.step)
+        if self.rank == 0:
+            self.metrics.image("eval_latents/usage", usage.heatmap(), self.step)
         self.metrics.flush(self.step, f"eval elbo {result.elbo:.4f} nats/dim ({result.bpd:.4f} bpd) on "
                                       f"{result.images} images (EMA weights)")
 
@@ -210,25 +235,42 @@ class Trainer:
             self.metrics.image(name, grid, self.step)
             save_png(grid, f"{self.config.run_dir}/samples/step{self.step:08d}-{name}.png")
 
-    def close(self) -> None:
+    def close(self, together: bool = True) -> None:
+        """The end of this rank: the metrics, the engine, the process groups. `together`: every rank
+        closes in step (False on an error's way out)."""
         self.metrics.close()
-        # An explicit end to the process group: left to interpreter teardown, gloo's threads were seen
-        # to abort a finished rank ("terminate called without an active exception").
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        # The process groups must go before the interpreter's exit, and they go only with the last
+        # reference to them: DeepSpeed's engine holds them, and this trainer the engine, as do the
+        # signal handlers (bound methods of this trainer) for the life of the process. A signal
+        # after this point changes nothing, as before (the run is over), through a handler that holds
+        # nothing. See end_distributed for what went wrong when the groups outlived the run.
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, lambda signum, frame: None)
+        if getattr(self, "engine", None) is not None:
+            self.engine.destroy()
+        self.engine = self.rule = self.ema = self.checkpointer = None
+        end_distributed(together)
 
 
 def train(config: RunConfig) -> int:
     """Check the run, then run the job; the process exit status: 0 when done, REQUEUE_EXIT_CODE
-    after a signal's checkpoint."""
+    after a signal's checkpoint, STUCK_EXIT_CODE after an alarm's (not requeued)."""
     validate_run(config, detect_ranks().world, on_gpu=torch.cuda.is_available())
     trainer = Trainer(config)
+    in_step = False  # every rank ends here together (done, or all checkpointed on a signal)
     try:
         trainer.run()
+        in_step = True
         return 0
     except Preempted as stop:
+        in_step = True
         if trainer.rank == 0:
             print(f"{stop}; exiting with {REQUEUE_EXIT_CODE} for the launcher to requeue", flush=True)
         return REQUEUE_EXIT_CODE
+    except Stuck as stop:
+        in_step = True
+        if trainer.rank == 0:
+            print(f"{stop}; exiting with {STUCK_EXIT_CODE}, which the batch script does not requeue", flush=True)
+        return STUCK_EXIT_CODE
     finally:
-        trainer.close()
+        trainer.close(together=in_step)  # on an error, no barrier: another rank may never reach it

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from pipeline.config import RunConfig, batch_problem, check_data
+from pipeline.status import record_job
 
 from ..slurm import PREP_LAUNCHERS, Resources, SubmitError, absolute, eval_script, prep_scripts, sbatch, train_script
 from .data import PREP_OPTIONS, prep_arguments
@@ -50,6 +51,7 @@ def _cmd_submit_train(args: argparse.Namespace) -> int:
         return 0
     run_dir.mkdir(parents=True, exist_ok=True)
     job = sbatch(script)
+    record_job(run_dir, job)  # (for `vdvae status RUN`)
     print(f"submitted training job {job}: {res.nodes} node(s) x {res.tasks} task(s)")
     print(f"  log:         {run_dir}/slurm-{job}.out")
     print(f"  watch:       tensorboard --logdir {run_dir}/tensorboard")
