@@ -8,4 +8,4 @@ demo: setup
 	.venv/bin/vdvae demo
 
 test: setup
-	.venv/bin/python -m pytest -q tests
+	.venv/bin/python -m pytest -q --durations=20 tests

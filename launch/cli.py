@@ -5,11 +5,18 @@ from __future__ import annotations
 import argparse
 import sys
 
-from data_prep.source import SourceError
-from data_prep.storage import StorageError
+from pipeline.runtime import reexec_with_fast_allocator
 
-from .commands import analyze, data, demo, models, status, submit, train
-from .slurm import SubmitError
+if sys.argv[1:2] == ["train"] and "--dry-run" not in sys.argv:
+    # A training process restarts itself with tcmalloc (pipeline/runtime.py); doing it here, before
+    # the imports below bring in torch, saves importing torch twice (2 s a process).
+    reexec_with_fast_allocator()
+
+from data_prep.source import SourceError  # noqa: E402
+from data_prep.storage import StorageError  # noqa: E402
+
+from .commands import analyze, data, demo, models, status, submit, train  # noqa: E402
+from .slurm import SubmitError  # noqa: E402
 
 COMMAND_GROUPS = (models, analyze, data, train, submit, status, demo)
 

@@ -128,6 +128,11 @@ def test_prep_train_preempt_requeue_resume_eval_through_submit(slurm, env, s3_se
     saved_at = max(log_steps(run))
     assert saved_at < 300, "the run finished before the signal: make it longer"
     assert (run / "checkpoints" / "latest").read_text() == f"global_step{saved_at}"
+    # `vdvae status` sees the job (recorded by submit), held after its requeue, at the signal's checkpoint
+    got = json.loads(vdvae(env, tmp_path, "status", str(run), "--json"))
+    (job,) = got["jobs"]
+    assert job["job"] == train_job and job["state"] == "PENDING" and job["restarts"] == 1, got["jobs"]
+    assert got["checkpoint"]["step"] == got["step"] == saved_at and not got["done"]
     # Slurm holds a requeued batch job (Reason=BeginTime, about 2 minutes here) so that the new start does
     # not meet the old run's revoked credential; shorten the hold to 5 s rather than wait it out.
     hold = held.get("Reason")
@@ -140,6 +145,9 @@ def test_prep_train_preempt_requeue_resume_eval_through_submit(slurm, env, s3_se
     assert info["JobState"] == "COMPLETED", log[-4000:]
     assert "requeueing job" in log and f"resumed from {run}/checkpoints/global_step{saved_at}" in log, log[-4000:]
     assert sorted(log_steps(run)) == list(range(1, 301))
+    got = json.loads(vdvae(env, tmp_path, "status", str(run), "--json"))
+    assert got["done"] and got["step"] == 300 and got["checkpoint"]["tag"] == "global_step300"
+    assert got["jobs"][0]["state"] == "COMPLETED" and got["jobs"][0]["restarts"] == 1, got["jobs"]
 
     # 4. eval: a job that prints bits/dim, each valid image once
     eval_job = job_id(vdvae(env, tmp_path, "submit", "eval", str(run), "--data", data, "--split", "valid",

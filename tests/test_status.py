@@ -1,5 +1,6 @@
 """`vdvae status RUN` on real run folders: a finished run (with an S3 mirror), a running one, one whose
-Slurm commands fail or are missing, `--watch`, and a preempted-and-requeued job on the test Slurm cluster."""
+Slurm commands fail or are missing, and `--watch`. A preempted-and-requeued job on the test Slurm cluster:
+tests/test_slurm.py's end-to-end test asks `vdvae status` about it."""
 
 import json
 import os
@@ -16,7 +17,6 @@ from pathlib import Path
 import pytest
 
 from pipeline.status import JOBS_NAME, run_status
-from test_slurm import slurm  # noqa: F401  (the module's real 2-node Slurm cluster)
 from test_train import data, launch, records  # noqa: F401  (`data`: the prepared 8 px dataset)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -200,63 +200,3 @@ def test_a_running_run(data, tmp_path, free_port):  # noqa: F811
         for proc in procs:
             proc.kill()
             proc.communicate()
-
-
-def test_a_preempted_and_requeued_slurm_job(slurm, data, tmp_path, monkeypatch):  # noqa: F811
-    env = {**os.environ, **slurm.env, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    for name, value in slurm.env.items():  # (the in-process polls below ask the same cluster)
-        monkeypatch.setenv(name, value)
-    run = tmp_path / "run"
-    submitted = subprocess.run(
-        [sys.executable, "-m", "launch.cli", "submit", "train", "--preset", "cifar10", "--data", data["data"],
-         "--run-dir", str(run), "--nodes", "1", "--gpus-per-node", "0", "--time", "20", "--signal-grace", "60",
-         f"model_json={data['model_json']}", "batch_per_gpu=4", "lr=2e-3", "warmup_iters=2", "workers=0",
-         "log_every=1", "max_steps=100000", "checkpoint_every=100000"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-    assert submitted.returncode == 0, submitted.stderr
-    job = re.search(r"job (\d+)", submitted.stdout).group(1)
-    (entry,) = map(json.loads, (run / JOBS_NAME).read_text().splitlines())
-    assert entry["job"] == job and re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d", entry["submitted"])
-
-    def job_status(until, what: str, timeout: float = 300) -> dict:
-        """Poll in this process (a `vdvae status` process costs seconds of CPU that training needs), then
-        return what the command itself prints as JSON."""
-        deadline = time.time() + timeout
-        while not until(got := run_status(run)):
-            assert time.time() < deadline, (what, got["jobs"], slurm.job(job))
-            time.sleep(0.5)
-        got = status_json(run, env)
-        assert until(got), got
-        return got
-
-    got = job_status(lambda s: s["step"] >= 3, "training made no progress")
-    (info,) = got["jobs"]
-    assert info["job"] == job and info["state"] == "RUNNING" and info["restarts"] == 0
-    assert info["where"] == "n1" and info["time_limit"] == "20:00" and info["submitted"] == entry["submitted"]
-
-    slurm.run("scancel", "--signal=USR1", "--batch", job)
-    got = job_status(lambda s: s["jobs"][0]["state"] == "PENDING", "not requeued")
-    saved = got["checkpoint"]["step"]
-    assert got["jobs"][0]["restarts"] == 1 and got["jobs"][0]["where"] == "(BeginTime)" and saved >= 3
-    assert got["step"] == saved  # the signal's checkpoint, the step where the job stopped
-    print("\n" + status(run, env=env).stdout)
-    slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now+5")  # (Slurm's own hold: about 2 min)
-
-    got = job_status(lambda s: s["jobs"][0]["state"] == "RUNNING" and s["step"] > saved, "did not resume")
-    assert got["jobs"][0]["restarts"] == 1
-    text = status(run, env=env).stdout
-    print(text)
-    assert re.search(rf"^job {job} +RUNNING, ran [\d:]+ of 20:00, n1, restarts 1, submitted ", text, re.MULTILINE)
-
-    # scancel's SIGTERM is a preemption too (checkpoint, requeue); a job held after it is cancelled outright
-    slurm.run("scancel", job)
-    job_status(lambda s: s["jobs"][0]["state"] == "PENDING" and s["jobs"][0]["restarts"] == 2, "not requeued", 120)
-    slurm.run("scancel", job)
-    got = job_status(lambda s: s["jobs"][0]["state"] == "CANCELLED", "not cancelled", 60)
-    (info,) = got["jobs"]
-    assert info["restarts"] == 2 and info["notes"] == ["sacct unavailable (Slurm accounting storage is disabled)"]
-    text = status(run, env=env).stdout
-    print(text)
-    assert re.search(rf"^job {job} +CANCELLED, ran [\d:]+ of (00:)?20:00, restarts 2, exit \d+:\d+, submitted ",
-                     text, re.MULTILINE)
-    assert re.search(r"^ +sacct unavailable \(Slurm accounting storage is disabled\)$", text, re.MULTILINE)
