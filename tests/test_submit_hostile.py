@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 
 from launch.slurm import Resources, SubmitError, eval_script, prep_scripts, train_script
+from pipeline.distributed import REQUEUE_EXIT_CODE
+from pipeline.health import STUCK_EXIT_CODE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,7 +24,7 @@ RECORD = 'f=$(mktemp "$STUB_LOG/{name}.XXXXXX") && printf \'%s\\0\' "$@" > "$f"\
 STUBS = {
     "srun": RECORD.format(name="srun") + 'e=$(mktemp "$STUB_LOG/srun-env.XXXXXX") && printf \'%s\\0\' '
             '"MASTER_ADDR=${MASTER_ADDR-}" "MASTER_PORT=${MASTER_PORT-}" "VDVAE_SETUP_RAN=${VDVAE_SETUP_RAN-}" '
-            '> "$e"\n',
+            '> "$e"\n' + 'exit "${STUB_SRUN_STATUS:-0}"\n',
     "mpirun": RECORD.format(name="mpirun"),
     "sbatch": RECORD.format(name="sbatch") + "echo 1\n",
     "scontrol": RECORD.format(name="scontrol") + 'case "$1 $2" in\n'
@@ -45,7 +47,7 @@ class Job:
     python: str
     node_addr: str = "10.1.2.3"
 
-    def run(self, script: str) -> subprocess.CompletedProcess:
+    def run(self, script: str, srun_status: int = 0) -> subprocess.CompletedProcess:
         path = self.tmp / f"job-{len(list(self.tmp.glob('job-*.sbatch')))}.sbatch"
         path.write_text(script)
         env = {key: value for key, value in os.environ.items() if not key.startswith(("SLURM_", "OMPI_", "PMI"))}
@@ -54,7 +56,7 @@ class Job:
                    MASTER_PORT="1", SLURM_JOB_ID="4242", SLURM_JOBID="4242", SLURM_JOB_NODELIST="node-[a-b]",
                    SLURM_NODELIST="node-[a-b]", SLURM_JOB_NUM_NODES="2", SLURM_NNODES="2", SLURM_NTASKS="4",
                    SLURM_RESTART_COUNT="0", SLURM_SUBMIT_DIR=str(self.work), SLURM_ARRAY_JOB_ID="4242",
-                   SLURM_ARRAY_TASK_ID="0", SLURM_ARRAY_TASK_COUNT="2")
+                   SLURM_ARRAY_TASK_ID="0", SLURM_ARRAY_TASK_COUNT="2", STUB_SRUN_STATUS=str(srun_status))
         return subprocess.run(["bash", str(path)], cwd=self.work, env=env, capture_output=True, text=True,
                               timeout=120)
 
@@ -277,3 +279,12 @@ def test_eval_script_passes_hostile_values_as_single_arguments(job):
     script = eval_script(Resources(job_name="eval", gpus_per_node=1), args, job.tmp / "logs")
     job.ran(job.run(script))
     assert job.calls("srun") == [["--ntasks=1", job.python, "-m", "launch.cli", "eval", *args]]
+
+
+@pytest.mark.parametrize("status, requeued", [(REQUEUE_EXIT_CODE, True), (STUCK_EXIT_CODE, False), (1, False)])
+def test_the_train_script_requeues_a_preemption_only(job, status, requeued):
+    """85 (every rank checkpointed on a signal) requeues; 86 (stopped by an alarm) and a crash do not."""
+    script = train_script(Resources(job_name="j"), "cifar10", DATA, job.tmp / "run", [])
+    result = job.run(script, srun_status=status)
+    assert any(call[:1] == ["requeue"] for call in job.calls("scontrol")) == requeued, result.stdout
+    assert result.returncode == (0 if requeued else status)
