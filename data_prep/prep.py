@@ -261,9 +261,7 @@ def _verified(store, records: dict[int, dict], progress: bool, desc: str) -> dic
     shard is reported and left out, so that it is built again."""
     good = {}
     for i, record in tqdm(sorted(records.items()), desc=desc, unit="shard", disable=not progress or not records):
-        shard = ShardInfo(record["name"], record["count"], tuple(record["offsets"]), tuple(record["digests"]),
-                          record["bytes"], record["sha256"])
-        problem = verify_shard(store, shard)
+        problem = verify_shard(store, ShardInfo.from_record(record))
         if problem is None:
             good[i] = record
         else:

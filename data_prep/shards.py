@@ -233,6 +233,12 @@ class ShardInfo:
     size: int = 0
     sha256: str = ""
 
+    @classmethod
+    def from_record(cls, record: dict) -> "ShardInfo":
+        """From a manifest's shard entry (or a prep shard record, which holds the same keys)."""
+        return cls(str(record["name"]), int(record["count"]), tuple(int(o) for o in record["offsets"]),
+                   tuple(str(d) for d in record["digests"]), int(record["bytes"]), str(record["sha256"]))
+
 
 @dataclass(frozen=True)
 class Split:
@@ -271,9 +277,7 @@ class Split:
                                 f"this one reads {FORMAT}, which records a digest of every sample); run the "
                                 "prep again with --overwrite")
         try:
-            shards = tuple(ShardInfo(str(s["name"]), int(s["count"]), tuple(int(o) for o in s["offsets"]),
-                                     tuple(str(d) for d in s["digests"]), int(s["bytes"]), str(s["sha256"]))
-                           for s in manifest["shards"])
+            shards = tuple(ShardInfo.from_record(s) for s in manifest["shards"])
             split = cls(url, str(manifest["dataset"]), str(manifest["split"]), int(manifest["resolution"]),
                         int(manifest["bits"]), shards)
         except (KeyError, TypeError, ValueError) as err:

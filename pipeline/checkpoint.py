@@ -168,8 +168,7 @@ class Checkpointer:
         tag = latest_tag(self.config.run_dir)
         if tag is None:
             return None
-        for path in (self.folder / tag).glob("*.pt"):  # every file, before DeepSpeed opens any
-            safe_load(path)
+        # DeepSpeed reads its files through the safe load set in __init__, so nothing there is read twice
         path, client = self.engine.load_checkpoint(str(self.folder), tag=tag)
         if path is None:
             raise CheckpointError(f"{self.folder}/{LATEST} names {tag}, which cannot be loaded")
@@ -261,7 +260,12 @@ def consolidate(run_dir: str | os.PathLike, tag: str | None = None) -> tuple[Run
     folder = folder_root / tag
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} does not exist")
-    files = {p.name: safe_load(p) for p in sorted(folder.glob("*.pt"))}  # all checked before DeepSpeed reads
+    files = {}  # every file checked before DeepSpeed's own reader (not a safe one) opens it; kept: ours
+    for path in sorted(folder.glob("*.pt")):
+        state = safe_load(path)
+        if path.name.startswith("ema_rank") or path.name == "mp_rank_00_model_states.pt":
+            files[path.name] = state
+        del state  # (the optimizer states are large: not held while DeepSpeed reads them again)
     if config.zero_stage == 0:
         if "mp_rank_00_model_states.pt" not in files:
             raise CheckpointError(f"{folder} has no mp_rank_00_model_states.pt")
