@@ -58,6 +58,11 @@ class RunConfig:
     precision: str = "fp32"
     activation_checkpointing: str = "none"
     """`none`, `all`, or a resolution (e.g. `256`): blocks at and above it are recomputed."""
+    compile: bool = False
+    """`torch.compile` the model's blocks (inductor); ZeRO stages 0-2. The first steps take longer."""
+    collective_timeout_s: int = 1800
+    """A collective that waits longer than this ends the job (NCCL's async error handling) instead of
+    holding the allocation; long enough for an evaluation or a checkpoint on another rank."""
     seed: int = 0
     workers: int = 2
     max_steps: int = 0
@@ -116,6 +121,11 @@ class RunConfig:
                                                              "(stage 0 supports fp32 only)"),
             (self.activation_checkpointing in ("none", "all") or self.activation_checkpointing.isdigit(),
              "activation_checkpointing must be none, all, or a resolution such as 256"),
+            (isinstance(self.compile, bool), "compile must be true or false"),
+            (not self.compile or self.zero_stage < 3, "compile=true works at zero_stage 0, 1 or 2: ZeRO-3 "
+                                                      "gathers each parameter in module hooks that a compiled "
+                                                      "block does not run; use zero_stage=2 or compile=false"),
+            (self.collective_timeout_s >= 60, "collective_timeout_s must be at least 60"),
             (self.workers >= 0, "workers must be >= 0"),
             (self.max_steps >= 0, "max_steps must be >= 0 (0: until stopped)"),
             (min(self.log_every, self.checkpoint_every, self.eval_every, self.sample_every) > 0,
@@ -212,7 +222,10 @@ class RunConfig:
             "zero_optimization": {"stage": self.zero_stage},
             "optimizer": {"type": "AdamW", "params": {
                 "lr": self.lr, "betas": [self.adam_beta1, self.adam_beta2], "eps": 1e-8,
-                "weight_decay": self.weight_decay, "torch_adam": not on_gpu}},
+                "weight_decay": self.weight_decay,
+                # torch's AdamW (DeepSpeed's own FusedAdam is a CUDA extension JIT-built at the first
+                # start on every node); fused on GPUs: one kernel over all parameters
+                "torch_adam": True, "fused": on_gpu}},
             "bf16": {"enabled": self.precision == "bf16"},
             "fp16": {"enabled": self.precision == "fp16", "initial_scale_power": 16},
             "steps_per_print": 10**9,

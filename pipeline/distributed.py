@@ -6,12 +6,13 @@ Slurm array task (SLURM_ARRAY_TASK_*), Slurm tasks of one step
 single process. The rendezvous address: MASTER_ADDR/MASTER_PORT when set,
 else the first node of the Slurm job at the address Slurm reaches it by
 (`scontrol`), else this host. The training sbatch script asks this module
-for it (`python -m pipeline.distributed rendezvous`). NCCL on GPUs, gloo
-on CPU.
+for it (`python -m pipeline.distributed rendezvous`). NCCL on GPUs (with
+a gloo group beside it for host-side flags), gloo on CPU.
 """
 
 from __future__ import annotations
 
+import datetime
 import gc
 import importlib
 import os
@@ -78,11 +79,20 @@ def local_rank(ranks: Ranks) -> int:
     return 0 if ranks.world == 1 else ranks.rank
 
 
-def init_distributed() -> Ranks:
-    """Set RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* from the launcher and start DeepSpeed's process group."""
+_CONTROL_GROUP = None
+"""The gloo group for host-side flags on GPUs (see control_group); None: the default group serves them."""
+
+
+def init_distributed(timeout_s: float = 1800) -> Ranks:
+    """Set RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* from the launcher and start DeepSpeed's process group:
+    NCCL on GPUs (CUDA tensors only) plus a gloo group for host-side flags, gloo on CPU. A collective
+    that waits more than `timeout_s` ends the process rather than holding the allocation."""
     # (here, not at the top: see the note under the imports)
     import deepspeed
     import torch
+    import torch.distributed as dist
+
+    global _CONTROL_GROUP
 
     ranks = detect_ranks()
     if ranks.launcher == "slurm-array":
@@ -106,8 +116,21 @@ def init_distributed() -> Ranks:
     # end_distributed).
     import torch.distributed.nn  # noqa: F401  (the reason is above)
 
-    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=False)
+    if on_gpu:
+        # a collective past its timeout aborts the communicators and ends the process (the launcher
+        # then ends the job), instead of every rank waiting forever in a hung NCCL call
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    timeout = datetime.timedelta(seconds=timeout_s)
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=False,
+                               timeout=timeout)
+    _CONTROL_GROUP = dist.new_group(backend="gloo", timeout=timeout) if on_gpu else None
     return ranks
+
+
+def control_group():
+    """The process group for host-side values (a signal flag, counts): gloo, so that reading them back
+    never waits for the GPU's queue. On CPU, the default group (gloo already)."""
+    return _CONTROL_GROUP
 
 
 def end_distributed(together: bool = True) -> None:
@@ -127,6 +150,8 @@ def end_distributed(together: bool = True) -> None:
     import deepspeed.comm as ds_dist
     import torch.distributed as dist
 
+    global _CONTROL_GROUP
+    _CONTROL_GROUP = None
     if not dist.is_initialized():
         return
     if together:

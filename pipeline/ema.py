@@ -55,9 +55,14 @@ class EMA:
 
     @torch.no_grad()
     def update(self) -> None:
-        for shadow, p in zip(self.shadow, self.engine.module.parameters(), strict=True):
-            if shadow.numel():
-                shadow.mul_(self.rate).add_(self._source(p).float().view_as(shadow), alpha=1 - self.rate)
+        """shadow = rate * shadow + (1 - rate) * weights, for every parameter in two foreach kernels
+        (one launch each on a GPU, not two per parameter); the same arithmetic as per tensor."""
+        pairs = [(shadow, self._source(p).float().view_as(shadow))
+                 for shadow, p in zip(self.shadow, self.engine.module.parameters(), strict=True) if shadow.numel()]
+        if pairs:
+            shadows, sources = map(list, zip(*pairs, strict=True))
+            torch._foreach_mul_(shadows, self.rate)
+            torch._foreach_add_(shadows, sources, alpha=1 - self.rate)
 
     def _averaged(self, i: int, p: torch.nn.Parameter) -> torch.Tensor:
         """The whole average of a ZeRO 1-2 parameter: the ranks' fragments summed into place."""

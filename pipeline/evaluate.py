@@ -67,26 +67,29 @@ def evaluate(model, stream: ShardStream, device: torch.device, seed: int, per_gr
     taken from the per-image KLs that the decoder returns in the same forward pass (a hook on it):
     no second pass, so the ELBO and its random stream are the same as without it.
     """
-    totals = {"elbo_sum": 0.0, "images": 0.0, "unreadable": 0.0}
-    group_sum = None
+    # summed on the device, read back once at the end
+    elbo_sum = torch.zeros((), dtype=torch.float64, device=device)
+    num_images = torch.zeros((), dtype=torch.float64, device=device)
+    unreadable, group_sum = 0, None
     with torch.random.fork_rng(devices=_devices(device)), _decoder_kls(model, per_group) as decoder_kls:
         torch.manual_seed(seed)
         for batch in stream:
             batch = batch.to(device)
             per_image = model(batch.images).per_image_elbo.double()
-            valid = batch.valid
-            totals["elbo_sum"] += float((per_image * valid).sum())
-            totals["images"] += float(valid.sum())
-            totals["unreadable"] += batch.skipped
+            valid = batch.valid.to(per_image.device)
+            elbo_sum += (per_image * valid).sum()
+            num_images += valid.sum()
+            unreadable += batch.skipped
             if per_group:  # this batch's (groups, N) KL sums -> per dimension, valid rows summed, on the device
                 kls = decoder_kls.pop().double() / batch.images[0].numel()
                 kls = torch.where(valid.to(kls.device)[None], kls, torch.zeros_like(kls)).sum(1)
                 group_sum = kls if group_sum is None else group_sum + kls
+    totals = {"elbo_sum": float(elbo_sum), "images": float(num_images)}
     if per_group:
         num_groups = getattr(model, "module", model).config.num_latent_groups
         sums = group_sum.tolist() if group_sum is not None else [0.0] * num_groups
         totals |= {group_name(i): v for i, v in enumerate(sums)}
-    totals = reduce_by_name(totals, device=device if device.type == "cuda" else "cpu")
+    totals = reduce_by_name(totals, device=device) | reduce_by_name({"unreadable": unreadable})
     images = max(totals["images"], 1)
     rates = tuple(totals[group_name(i)] / images for i in range(num_groups)) if per_group else None
     return EvalResult(totals["elbo_sum"] / images, int(totals["images"]), int(totals["unreadable"]), rates)

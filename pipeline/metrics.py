@@ -22,17 +22,34 @@ from torch.utils.tensorboard import SummaryWriter
 
 from data_prep.storage import LocalStore
 
+from .distributed import control_group
+
 LOG_NAME = "log.jsonl"
 
 
 def reduce_by_name(values: dict[str, float], op: str = "sum", device: torch.device | str = "cpu") -> dict[str, float]:
     """Each value summed (or maxed) over the ranks, looked up by its name (every rank passes the same
-    names; they are sorted, so the order of the dict does not matter)."""
+    names; they are sorted, so the order of the dict does not matter). The values travel as one tensor
+    on `device`: the engine's device for values computed there, "cpu" for host values, which go
+    through the gloo control group (NCCL serves CUDA tensors only)."""
     names = sorted(values)
+    device = torch.device(device)
     packed = torch.tensor([float(values[n]) for n in names], dtype=torch.float64, device=device)
     if dist.is_initialized():
-        dist.all_reduce(packed, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+        dist.all_reduce(packed, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX,
+                        group=control_group() if device.type == "cpu" else None)
     return dict(zip(names, packed.tolist(), strict=True))
+
+
+def memory_gb(device: torch.device) -> dict[str, float]:
+    """`memory/...` tags: this process's resident memory, and on CUDA the allocator's peaks since the
+    last call (allocated by tensors, reserved from the driver), which are then reset."""
+    values = {"memory/host_rss_gb": rss_gb()}
+    if device.type == "cuda":
+        values["memory/cuda_allocated_peak_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+        values["memory/cuda_reserved_peak_gb"] = torch.cuda.max_memory_reserved(device) / 2**30
+        torch.cuda.reset_peak_memory_stats(device)
+    return values
 
 
 class Metrics:

@@ -31,7 +31,7 @@ from .evaluate import evaluate, sample_grids, samples_per_grid_row
 from .images import save_png
 from .health import STUCK_EXIT_CODE, Alarms, Stuck
 from .latents import LatentUsage, RateWindow
-from .metrics import Metrics, reduce_by_name, rss_gb
+from .metrics import Metrics, memory_gb, reduce_by_name
 from .stream import ShardStream
 from .update import UpdateRule
 
@@ -57,26 +57,56 @@ def every(n: int, step: int, stop: int) -> bool:
 
 @dataclass
 class _Window:
-    """What the steps since the last log had, for their means."""
+    """The steps since the last log. Per-rank values stay on the device, one row per step, until the
+    log reads them back; the update rule's (the same on every rank) are host values already."""
 
-    elbo: list[float] = field(default_factory=list)
-    distortion: list[float] = field(default_factory=list)
-    rate: list[float] = field(default_factory=list)
+    rows: list[torch.Tensor] = field(default_factory=list)
+    """Per step: this rank's (elbo, distortion, rate, NaN loss) as one float64 tensor."""
+    steps: list[int] = field(default_factory=list)
     grad_norm: list[float] = field(default_factory=list)
+    skipped: list[bool] = field(default_factory=list)
     images: int = 0
     data_wait: float = 0.0
     start: float = field(default_factory=time.time)
 
+    def add(self, step: int, update: "_Update", images: int) -> None:
+        self.rows.append(update.values)
+        self.steps.append(step)
+        self.grad_norm.append(update.grad_norm)
+        self.skipped.append(update.skipped)
+        self.images += images
 
-def _mean(values: list[float]) -> float:
-    finite = [v for v in values if math.isfinite(v)]
-    return float(np.mean(finite)) if finite else math.nan
+    def read(self, world: int) -> np.ndarray:
+        """(steps, 4): each step's (elbo, distortion, rate) mean over the ranks and its count of ranks
+        with a NaN loss. One collective on the device and one read back for the whole window."""
+        if not self.rows:
+            return np.zeros((0, 4))
+        table = torch.stack(self.rows)
+        if dist.is_initialized():
+            dist.all_reduce(table)
+        table = table.cpu().numpy()
+        table[:, :3] /= world
+        return table
+
+
+@dataclass(frozen=True)
+class _Update:
+    values: torch.Tensor
+    """This rank's (elbo, distortion, rate, NaN loss), float64, on the engine's device."""
+    grad_norm: float
+    skipped: bool
+
+
+def _mean(values) -> float:
+    values = np.asarray(values, dtype=np.float64)
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if finite.size else math.nan
 
 
 class Trainer:
     def __init__(self, config: RunConfig):
         self.config = config
-        self.ranks = init_distributed()
+        self.ranks = init_distributed(config.collective_timeout_s)
         self.rank, self.world = self.ranks.rank, self.ranks.world
         self.device = device_of_this_rank()
         self._save_config()
@@ -110,12 +140,14 @@ class Trainer:
             LocalStore(self.config.run_dir).write_bytes("config.json", (self.config.to_json() + "\n").encode())
         dist.barrier()
 
-    def train_step(self, batch) -> dict[str, float] | None:
+    def train_step(self, batch) -> _Update | None:
         """One micro-batch forward and backward, and at an accumulation boundary the paper's update;
-        then this rank's values by name (None inside an accumulation)."""
+        then this step's values (None inside an accumulation). No value is read back to the host here:
+        the only wait for the device is the update rule's decision to skip, made on the gradient norm
+        (inside DeepSpeed's step under ZeRO 1-3, which reads back its own overflow flag there too)."""
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr_at(self.config, self.step)
-        terms = self.engine(batch.to(self.device).images)
+        terms = self.engine(batch.images.to(self.device, non_blocking=True))
         self.engine.backward(terms.elbo)
         # each micro-batch's per-group KL, summed on the device until _log_window reads the window back
         self.latent_window.add(terms.per_group_rate)
@@ -124,14 +156,20 @@ class Trainer:
             return None
         if not stats.skipped:
             self.ema.update()
-        elbo = float(terms.elbo)
-        return {"elbo": elbo, "distortion": float(terms.distortion), "rate": float(terms.rate),
-                "nan_loss": float(not math.isfinite(elbo)), "skipped": float(stats.skipped),
-                "grad_norm": stats.grad_norm, "signalled": float(self.signalled),
-                "unreadable_samples": float(self.stream.skipped)}
+        elbo = terms.elbo.detach().double()
+        values = torch.stack([elbo, terms.distortion.detach().double(), terms.rate.detach().double(),
+                              (~torch.isfinite(elbo)).double()])
+        return _Update(values, stats.grad_norm, stats.skipped)
+
+    def _any_signalled(self) -> bool:
+        """Whether any rank has had a SIGUSR1/SIGTERM: one host flag over the gloo control group."""
+        return reduce_by_name({"signalled": float(self.signalled)})["signalled"] > 0
 
     def run(self, max_steps: int | None = None) -> list[float]:
-        """Train until `max_steps` (default: the config's; 0 = until stopped); per-step mean losses."""
+        """Train until `max_steps` (default: the config's; 0 = until stopped); per-step mean losses.
+
+        Per-step values are read back at logging steps; alarms (a skip streak, NaN losses) are
+        therefore decided there, and a step that checkpoints (periodic, on a signal) logs first."""
         config = self.config
         stop = max_steps if max_steps is not None else config.max_steps
         losses: list[float] = []
@@ -141,55 +179,65 @@ class Trainer:
             t0 = time.perf_counter()
             batch = next(batches)
             window.data_wait += time.perf_counter() - t0
-            mine = self.train_step(batch)
-            if mine is None:
+            update = self.train_step(batch)
+            if update is None:
                 continue
-            grad_norm, skipped = mine.pop("grad_norm"), mine.pop("skipped")  # the same on every rank
-            total = reduce_by_name(mine)
             self.step += 1
-            self.counters["skipped_updates"] += int(skipped)
-            self.counters["nan_losses"] += int(total["nan_loss"] > 0)
-            losses.append(total["elbo"] / self.world)
-            for name in ("elbo", "distortion", "rate"):
-                getattr(window, name).append(total[name] / self.world)
-            window.grad_norm.append(grad_norm)
-            window.images += len(batch) * self.world * config.grad_accum
-            said, stuck = self.alarms.update(self.step, bool(skipped), total["nan_loss"] > 0, grad_norm)
-            for message in said + ([stuck] if stuck else []):
-                self.metrics.alarm(message, self.step)
-            if every(config.log_every, self.step, stop) or stuck:
-                self._log_window(window, total["unreadable_samples"])
+            self.counters["skipped_updates"] += int(update.skipped)
+            window.add(self.step, update, len(batch) * self.world * config.grad_accum)
+            signalled = self._any_signalled()
+            checkpoint_due = every(config.checkpoint_every, self.step, stop) or signalled
+            stuck = None
+            if every(config.log_every, self.step, stop) or checkpoint_due:
+                table = window.read(self.world)
+                losses += table[:, 0].tolist()
+                self.counters["nan_losses"] += int((table[:, 3] > 0).sum())
+                stuck = self._alarms(window, table[:, 3].tolist())
+                self._log_window(window, table)
                 window = _Window()
+            if stuck:  # the same on every rank (skips and NaN losses are decided together)
+                self.checkpointer.save(self.step, self.counters)
+                raise Stuck(self.step, stuck)
             if every(config.eval_every, self.step, stop):
                 self._evaluate()
             if every(config.sample_every, self.step, stop):
                 self._write_samples()
-            if every(config.checkpoint_every, self.step, stop) or total["signalled"] > 0 or stuck:
+            if checkpoint_due:
                 self.checkpointer.save(self.step, self.counters)
-            if stuck:  # the same on every rank (skips and NaN losses are decided together)
-                raise Stuck(self.step, stuck)
-            if total["signalled"] > 0:  # any rank was signalled: all saved, all stop
+            if signalled:  # any rank was signalled: all saved, all stop
                 raise Preempted(self.step)
         return losses
 
-    def _log_window(self, window: _Window, unreadable_samples: float) -> None:
+    def _alarms(self, window: _Window, nan_ranks: list[float]) -> str | None:
+        """The window's steps through the alarms in order; the stop message, if a streak ran too long."""
+        stuck = None
+        for step, skipped, nan, grad_norm in zip(window.steps, window.skipped, nan_ranks, window.grad_norm,
+                                                 strict=True):
+            said, stuck = self.alarms.update(step, skipped, nan > 0, grad_norm)
+            for message in said + ([stuck] if stuck else []):
+                self.metrics.alarm(message, step)
+            if stuck:
+                break
+        return stuck
+
+    def _log_window(self, window: _Window, table: np.ndarray) -> None:
+        """Log the window's means; `table` is its per-step values read back (`_Window.read`)."""
         elapsed = time.time() - window.start
-        elbo = _mean(window.elbo)
+        elbo = _mean(table[:, 0])
         values = {
             "train/elbo": elbo,
             "train/bpd": elbo / math.log(2),
-            "train/distortion": _mean(window.distortion),
-            "train/rate": _mean(window.rate),
+            "train/distortion": _mean(table[:, 1]),
+            "train/rate": _mean(table[:, 2]),
             "train/grad_norm": _mean(window.grad_norm),
             "train/skipped_updates": self.counters["skipped_updates"],
             "train/nan_losses": self.counters["nan_losses"],
             "train/lr": lr_at(self.config, self.step - 1),
             "train/images_per_s": window.images / elapsed,
-            "train/step_time_s": elapsed / len(window.elbo),
+            "train/step_time_s": elapsed / len(window.steps),
             "train/data_wait_fraction": window.data_wait / elapsed,
-            "train/memory_gb": torch.cuda.max_memory_allocated() / 2**30 if self.device.type == "cuda" else rss_gb(),
-            "train/skipped_samples": unreadable_samples,
-        }
+            "train/skipped_samples": reduce_by_name({"skipped": self.stream.skipped})["skipped"],
+        } | memory_gb(self.device)
         if self.config.precision == "fp16":  # DeepSpeed's dynamic loss scale
             values["train/loss_scale"] = float(getattr(self.engine.optimizer, "loss_scale", math.nan))
         # the window's per-group KL, mean over steps and ranks (a collective): latents/rate_<res>px, ...
@@ -208,7 +256,8 @@ class Trainer:
     def _evaluate(self, split: str = "valid") -> None:
         """Mean per-image ELBO of the EMA weights over every image of the split, each counted once."""
         stream = ShardStream(f"{self.config.data.rstrip('/')}/{split}", self.config.batch_per_gpu, rank=self.rank,
-                             world=self.world, train=False, workers=self.config.workers)
+                             world=self.world, train=False, workers=self.config.workers,
+                             pin_memory=self.device.type == "cuda")
         with self.ema.swapped():
             result = evaluate(self.engine, stream, self.device, self.config.seed + 1 + self.rank, per_group=True)
         self.metrics.report("eval/elbo", result.elbo, self.step)

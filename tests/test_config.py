@@ -65,7 +65,7 @@ def test_deepspeed_json(tmp_path):
                                        "stage3_prefetch_bucket_size": 5_000_000}
     assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"] and ds["wall_clock_breakdown"]
     assert ds["optimizer"]["params"] == {"lr": 1.5e-4, "betas": [0.9, 0.9], "eps": 1e-8, "weight_decay": 0.01,
-                                         "torch_adam": True}
+                                         "torch_adam": True, "fused": False}
     assert ds["gradient_clipping"] == 200 and "scheduler" not in ds  # the trainer's: it skips yet schedules
     assert RunConfig.from_preset("imagenet32", "d", "r", ["zero_stage=0"]).deepspeed_config(1, False)[
         "gradient_clipping"] == 0.0  # stage 0: the update rule clips

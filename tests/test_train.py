@@ -74,7 +74,7 @@ def test_loss_falls_and_tensorboard_has_every_tag(data, tmp_path, free_port):
     tags = set(events.Tags()["scalars"])
     assert {"train/elbo", "train/distortion", "train/rate", "train/bpd", "train/grad_norm",
             "train/skipped_updates", "train/nan_losses", "train/lr", "train/images_per_s", "train/step_time_s",
-            "train/data_wait_fraction", "train/memory_gb", "train/skipped_samples", "eval/elbo", "eval/bpd"} <= tags
+            "train/data_wait_fraction", "memory/host_rss_gb", "train/skipped_samples", "eval/elbo", "eval/bpd"} <= tags
     assert [e.step for e in events.Scalars("train/elbo")] == list(range(1, 31))
     assert events.Scalars("train/elbo")[-1].value == pytest.approx(elbo[30], rel=1e-5)
     assert "config/text_summary" in events.Tags()["tensors"]
