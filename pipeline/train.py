@@ -32,6 +32,7 @@ from .images import save_png
 from .health import STUCK_EXIT_CODE, Alarms, Stuck
 from .latents import LatentUsage, RateWindow
 from .metrics import Metrics, memory_gb, reduce_by_name
+from .provenance import record_start, start_record
 from .stream import ShardStream
 from .update import UpdateRule
 
@@ -126,6 +127,7 @@ class Trainer:
             self.metrics.text("config", "```\n" + config.to_json() + "\n```", 0)
         elif self.rank == 0:
             print(f"resumed from {self.checkpointer.folder / resumed.tag} at step {self.step}", flush=True)
+        self._record_start(resumed)
         self.alarms = Alarms(config.max_consecutive_skips, config.skip_threshold, config.grad_clip, config.lr)
         self.latent_window = RateWindow()
         self.signalled = False
@@ -134,6 +136,18 @@ class Trainer:
 
     def _on_signal(self, signum, frame) -> None:
         self.signalled = True  # acted on at the next step, by every rank together
+
+    def _record_start(self, resumed) -> None:
+        """This start's line of RUN/starts.jsonl (pipeline/provenance.py)."""
+        if self.rank != 0:
+            return
+        if resumed is not None:
+            started_from = {"checkpoint": resumed.tag, "step": resumed.step}
+        else:
+            started_from = {name: getattr(self.config, name) for name in ("init", "init_ema", "init_official")
+                            if getattr(self.config, name, "")}
+        ds = self.config.deepspeed_config(self.world, on_gpu=self.device.type == "cuda")
+        record_start(self.config.run_dir, start_record(self.config, self.world, ds, started_from))
 
     def _save_config(self) -> None:
         if self.rank == 0:

@@ -122,3 +122,25 @@ def test_problems_stop_every_rank_before_the_process_group(data32, tmp_path, fre
         assert code == 2 and expected in err, err[-2000:]
         assert "Traceback" not in err and "gloo" not in err.lower()
     assert not (tmp_path / "run").exists()  # nothing written: the checks come first
+
+
+def test_train_from_a_saved_config_and_its_errors(tmp_path, capsys):
+    from launch.cli import main as cli_main
+
+    saved = RunConfig.from_preset("cifar10", str(tmp_path / "data"), str(tmp_path / "run"), ["lr=1e-4"])
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(saved.to_json())
+    import argparse
+
+    from launch.commands.train import run_config
+
+    again = run_config(argparse.Namespace(preset=None, data=None, run_dir=None, config=str(tmp_path / "run"),
+                                          overrides=["max_steps=5"]))
+    assert again.lr == 1e-4 and again.max_steps == 5 and again.run_dir == saved.run_dir
+    assert again.overrides == ("lr=1e-4", "max_steps=5")
+    assert cli_main(["train", "--config", str(tmp_path / "run" / "config.json"), "--preset", "cifar10"]) == 2
+    assert "leave out --preset" in capsys.readouterr().err
+    assert cli_main(["train", "--config", str(tmp_path / "nowhere.json")]) == 2
+    assert "--config" in (err := capsys.readouterr().err) and "No such file" in err
+    assert cli_main(["train", "--preset", "cifar10"]) == 2
+    assert "give --data, --run-dir (or --config RUN/config.json" in capsys.readouterr().err

@@ -113,6 +113,7 @@ def test_prep_train_preempt_requeue_resume_eval_through_submit(slurm, env, s3_se
     assert SECRET not in script and "AWS_SECRET" not in script
     assert "#SBATCH --requeue" in script and "#SBATCH --signal=B:USR1@60" in script
     train_job = job_id(vdvae(env, tmp_path, "submit", "train", *settings))
+    assert (run / "jobs" / f"{train_job}.sbatch").read_text() == script  # what was submitted, kept
     slurm.wait(train_job, ("RUNNING",), 120)
 
     # 3. preemption: the signal Slurm sends before the time limit, to the batch shell, mid-run

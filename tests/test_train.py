@@ -28,10 +28,15 @@ def data(tmp_path_factory):
     return {"data": str(tmp / "data"), "model_json": str(model_json)}
 
 
-def launch(data, run_dir: Path, port: int, *settings: str, world: int = 2, wait: bool = True):
-    cmd = [sys.executable, "-m", "launch.cli", "train", "--preset", "cifar10", "--data", data["data"],
-           "--run-dir", str(run_dir), f"model_json={data['model_json']}", "batch_per_gpu=4", "lr=2e-3",
-           "warmup_iters=2", "workers=0", "log_every=1", *settings]
+def launch(data, run_dir: Path, port: int, *settings: str, world: int = 2, wait: bool = True,
+           from_config: bool = False):
+    """`vdvae train` on `world` ranks; from_config: relaunch RUN/config.json (`--config`) with `settings`."""
+    if from_config:
+        cmd = [sys.executable, "-m", "launch.cli", "train", "--config", str(run_dir / "config.json"), *settings]
+    else:
+        cmd = [sys.executable, "-m", "launch.cli", "train", "--preset", "cifar10", "--data", data["data"],
+               "--run-dir", str(run_dir), f"model_json={data['model_json']}", "batch_per_gpu=4", "lr=2e-3",
+               "warmup_iters=2", "workers=0", "log_every=1", *settings]
     procs = []
     for rank in range(world):
         env = dict(os.environ, DS_ACCELERATOR="cpu", RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
@@ -135,9 +140,23 @@ def test_sigusr1_on_one_rank_saves_and_exits_for_requeue_on_all(data, tmp_path, 
     assert codes == [REQUEUE_EXIT_CODE] * 2, [p.stderr.read()[-2000:] for p in procs]
     last = max(losses(run))
     assert (run / "checkpoints" / "latest").read_text() == f"global_step{last}"
-    # and the requeued job continues from there
-    launch(data, run, free_port, "zero_stage=2", f"max_steps={last + 2}", "checkpoint_every=100000")
+    # and the requeued job continues from there, relaunched from the run's saved config
+    launch(data, run, free_port, f"max_steps={last + 2}", from_config=True)
     assert max(losses(run)) == last + 2
+    # each start is on record: what it ran, on what, from what
+    first, second = [json.loads(line) for line in (run / "starts.jsonl").read_text().splitlines()]
+    assert first["started_from"] == {} and second["started_from"] == {"checkpoint": f"global_step{last}",
+                                                                      "step": last}
+    import hashlib
+    import importlib.metadata
+
+    for start in (first, second):
+        assert start["world_size"] == 2 and start["packages"]["torch"] == importlib.metadata.version("torch")
+        assert start["deepspeed"]["train_batch_size"] == 8 and start["deepspeed"]["zero_optimization"]["stage"] == 2
+        assert start["manifests_sha256"] == {
+            split: hashlib.sha256((Path(data["data"]) / split / "manifest.json").read_bytes()).hexdigest()
+            for split in ("train", "valid")}
+        assert len(start["code"]["commit"] or "") == 40 and isinstance(start["code"]["dirty"], bool)
 
 
 @pytest.mark.parametrize("stage", [2, 3])

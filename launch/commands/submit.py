@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.config import RunConfig, batch_problem, check_data
+from data_prep.storage import LocalStore
+from pipeline.config import batch_problem, check_data
 from pipeline.status import record_job
 
 from ..slurm import PREP_LAUNCHERS, Resources, SubmitError, absolute, eval_script, prep_scripts, sbatch, train_script
 from .data import PREP_OPTIONS, prep_arguments
 from .models import EVAL_OPTIONS, eval_arguments
-from .train import train_arguments
+from .train import run_config, train_arguments
 
 
 def _resources(args: argparse.Namespace, default_name: str) -> Resources:
@@ -38,9 +39,14 @@ def _as_flags(args: argparse.Namespace, names: tuple[str, ...]) -> list[str]:
 
 
 def _cmd_submit_train(args: argparse.Namespace) -> int:
+    if args.config:  # the saved run, rendered as the settings it was made with (a requeue reruns them)
+        saved = run_config(args)
+        args.preset, args.data, args.run_dir = saved.preset, saved.data, saved.run_dir
+        args.overrides = list(saved.overrides)
     run_dir = absolute(args.run_dir)
     data = _local_or_url(args.data)
-    config = RunConfig.from_preset(args.preset, data, str(run_dir), args.overrides)  # bad settings fail here
+    config = run_config(argparse.Namespace(preset=args.preset, data=data, run_dir=str(run_dir), config=None,
+                                           overrides=args.overrides))  # bad settings fail here
     res = _resources(args, f"vdvae-{args.preset}")
     problem = batch_problem(config, check_data(config), res.nodes * res.tasks)
     if problem:  # (the job would stop at its start, before any process group)
@@ -52,6 +58,7 @@ def _cmd_submit_train(args: argparse.Namespace) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     job = sbatch(script)
     record_job(run_dir, job)  # (for `vdvae status RUN`)
+    LocalStore(run_dir / "jobs").write_bytes(f"{job}.sbatch", script.encode())  # what ran, as submitted
     print(f"submitted training job {job}: {res.nodes} node(s) x {res.tasks} task(s)")
     print(f"  log:         {run_dir}/slurm-{job}.out")
     print(f"  watch:       tensorboard --logdir {run_dir}/tensorboard")
