@@ -43,6 +43,10 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 
+DELETE_BATCH = 1000
+"""Keys per DeleteObjects request (S3's limit)."""
+
+
 class StorageError(RuntimeError):
     """An object store operation that failed (at once, or after retries), named by URL."""
 
@@ -77,6 +81,8 @@ class Store(Protocol):
     def list_folders(self) -> list[str]: ...
 
     def delete(self, name: str) -> None: ...
+
+    def delete_many(self, names: list[str]) -> None: ...
 
 
 class ObjectWriter(Protocol):
@@ -163,6 +169,11 @@ class LocalStore:
     def delete(self, name: str) -> None:
         """Remove a file; one that is not there is no error (as on S3)."""
         self._path(name).unlink(missing_ok=True)
+
+    def delete_many(self, names: list[str]) -> None:
+        """Remove files (names may hold `/`: files in subfolders); missing ones are no error."""
+        for name in names:
+            self.delete(name)
 
 
 class LocalReader(io.RawIOBase):
@@ -612,6 +623,20 @@ class S3Store:
 
     def delete(self, name: str) -> None:
         self._call("DELETE", name, lambda: self._client.delete_object(Bucket=self.bucket, Key=self._key(name)))
+
+    def delete_many(self, names: list[str]) -> None:
+        """Remove objects (names may hold `/`) in batch requests of up to 1000 keys, S3's limit;
+        missing ones are no error. A key the store refused fails with its name and S3's reason."""
+        for first in range(0, len(names), DELETE_BATCH):
+            batch = names[first:first + DELETE_BATCH]
+
+            def delete(batch=batch):
+                return self._client.delete_objects(Bucket=self.bucket, Delete={
+                    "Objects": [{"Key": self._key(name)} for name in batch], "Quiet": True})
+            refused = self._call("DELETE", f"{batch[0]} and {len(batch) - 1} more", delete).get("Errors", [])
+            if refused:
+                raise StorageError(f"{self.url}: {len(refused)} objects not deleted, e.g. {refused[0].get('Key')}: "
+                                   f"{refused[0].get('Code')} {refused[0].get('Message', '')}".rstrip())
 
     def download(self, name: str, path: Path) -> None:
         """Stream an object to a local file (through a temporary, renamed when complete)."""

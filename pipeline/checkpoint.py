@@ -22,9 +22,14 @@ fails with `CheckpointError` naming it.
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import re
 import shutil
+import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,12 +49,28 @@ from .weights import safe_load as _safe_load
 
 LATEST = "latest"
 TAG_PREFIX = "global_step"
+UPLOADED = "uploaded"
+"""The mirror's folder of per-rank "all my files are up" markers, one folder per checkpoint tag."""
 SAFE_DEEPSPEED_GLOBALS = [fragment_address, LossScaler, DynamicLossScaler, ZeroStageEnum]
 """The classes DeepSpeed 0.19 pickles into its checkpoints (optimizer states): plain data, no code."""
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used: missing, incomplete, of another run, or unsafe to load."""
+
+
+def owner_rank(name: str) -> int:
+    """The rank that writes a checkpoint file: `zero_pp_rank_<R>_...` (DeepSpeed's partitions, and
+    each rank's model states under ZeRO-3) and `ema_rank<R>.pt` are rank R's; the rest rank 0's."""
+    found = re.search(r"(?:zero_pp_rank_|ema_rank)(\d+)", name)
+    return int(found.group(1)) if found else 0
+
+
+def _all_names(store, folder: str) -> list[str]:
+    """Every object under `folder` of `store`, as names relative to the store."""
+    sub = open_store(f"{store.url.rstrip('/')}/{folder}")
+    return [f"{folder}/{n}" for n in sub.list()] + [n for f in sub.list_folders()
+                                                     for n in _all_names(store, f"{folder}/{f}")]
 
 
 def tag_for(step: int) -> str:
@@ -126,8 +147,12 @@ class Checkpointer:
         self.store = LocalStore(self.folder)
         # DeepSpeed reads its files through its checkpoint engine: make that read safe
         engine.checkpoint_engine.load = lambda path, map_location=None: safe_load(path, map_location)
+        self.mirror = Mirror(config.checkpoint_mirror, rank, world, config.keep_checkpoints,
+                             config.mirror_wait_s) if config.checkpoint_mirror else None
 
     def save(self, step: int, counters: dict) -> Path:
+        if self.mirror is not None:
+            self.mirror.wait()  # this rank's upload of the previous checkpoint, whose files prune may delete
         tag = tag_for(step)
         folder = self.folder / tag
         folder.mkdir(parents=True, exist_ok=True)
@@ -146,10 +171,15 @@ class Checkpointer:
         if self.rank == 0:
             self.store.write_bytes(LATEST, tag.encode())
             self.prune()
-            if self.config.checkpoint_mirror:
-                Mirror(self.config.checkpoint_mirror).upload(folder, self.config.keep_checkpoints)
         dist.barrier()
+        if self.mirror is not None:
+            self.mirror.start_upload(folder)  # this rank's files, in the background
         return folder
+
+    def finish_uploads(self) -> bool:
+        """Wait, at the end of the job, for this rank's pending mirror upload (up to mirror_wait_s);
+        whether it finished."""
+        return self.mirror is None or self.mirror.wait(self.config.mirror_wait_s)
 
     def prune(self) -> None:
         """Keep the newest `keep_checkpoints` (never the one `latest` names)."""
@@ -182,29 +212,79 @@ class Checkpointer:
 
 
 class Mirror:
-    """The checkpoint mirror on S3: `<url>/<tag>/<files>`, then `<url>/latest` (the commit point)."""
+    """The checkpoint mirror on S3: `<url>/<tag>/<files>`, then `<url>/latest` (the commit point).
 
-    def __init__(self, url: str):
+    Every rank uploads the files it wrote (`owner_rank`) in a background
+    thread while training goes on; large files go up in parallel multipart
+    parts (boto3's transfer manager). A rank that has all of its files up
+    writes `<url>/uploaded/<tag>/rank<R>`; rank 0's thread, once every
+    rank's marker is there, writes `latest` and deletes the older
+    checkpoints (batch deletes), keeping `keep`. A crash midway leaves
+    `latest` on the previous complete checkpoint. The next checkpoint, and
+    the end of the job, wait for a rank's pending upload first (up to
+    `wait_s` at the end). A failed upload is reported and training goes on:
+    the local checkpoint is whole, and the mirror keeps its last complete one.
+    """
+
+    def __init__(self, url: str, rank: int = 0, world: int = 1, keep: int = 3, wait_s: float = 600):
         self.url = url.rstrip("/")
+        self.rank, self.world, self.keep, self.wait_s = rank, world, keep, wait_s
+        self._thread: threading.Thread | None = None
+        self.failure: str | None = None
+        """Why the last upload did not complete (None: it did, or none ran)."""
 
-    def upload(self, folder: Path, keep: int) -> None:
-        tag = folder.name
-        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-            relative = path.relative_to(folder)
-            open_store(f"{self.url}/{tag}/{relative.parent}".rstrip("/.")).put_file(relative.name, path)
+    def start_upload(self, folder: Path) -> None:
+        """Upload this rank's files of the checkpoint `folder` in the background (after the previous
+        upload, which this waits for)."""
+        self.wait()
+        files = sorted(p for p in folder.iterdir() if p.is_file() and owner_rank(p.name) == self.rank)
+        self.failure = None
+        self._thread = threading.Thread(target=self._upload, args=(folder.name, files), daemon=True,
+                                        name=f"mirror-{folder.name}")
+        self._thread.start()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for this rank's pending upload (at most `timeout` s); whether none is left."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                print(f"mirror: the upload of {self._thread.name.removeprefix('mirror-')} to {self.url} is still "
+                      f"running after {timeout:.0f} s; leaving it (the mirror's latest stays on the previous "
+                      "complete checkpoint)", file=sys.stderr, flush=True)
+                return False
+            self._thread = None
+        return True
+
+    def _upload(self, tag: str, files: list[Path]) -> None:
+        try:
+            markers = open_store(f"{self.url}/{UPLOADED}/{tag}")
+            marker = f"rank{self.rank:05d}"
+            markers.delete(marker)  # an earlier attempt's (a run that crashed mid-upload and saved this step again)
+            store = open_store(f"{self.url}/{tag}")
+            for path in files:
+                store.put_file(path.name, path)
+            markers.write_bytes(marker, json.dumps({p.name: p.stat().st_size for p in files}).encode())
+            if self.rank == 0:
+                self._commit(tag, markers)
+        except Exception as err:  # reported, not raised: training goes on with its local checkpoint
+            self.failure = f"{type(err).__name__}: {err}"
+            print(f"mirror: checkpoint {tag} was not mirrored to {self.url}: {self.failure}", file=sys.stderr,
+                  flush=True)
+
+    def _commit(self, tag: str, markers) -> None:
+        """Once every rank's files are up: `latest`, then the older checkpoints go."""
+        deadline, pause = time.monotonic() + self.wait_s, 0.1
+        while len(markers.list()) < self.world:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"only {len(markers.list())} of {self.world} ranks uploaded {tag} within "
+                                   f"{self.wait_s:.0f} s")
+            time.sleep(pause)
+            pause = min(pause * 2, 2.0)
         root = open_store(self.url)
         root.write_bytes(LATEST, tag.encode())
         tags = sorted((step_of(t), t) for t in root.list_folders() if step_of(t) is not None)
-        for _, old in tags[:-keep]:
-            if old != tag:
-                self._delete(f"{self.url}/{old}")
-
-    def _delete(self, url: str) -> None:
-        store = open_store(url)
-        for sub in store.list_folders():
-            self._delete(f"{url}/{sub}")
-        for name in store.list():
-            store.delete(name)
+        old = [t for _, t in tags[:-self.keep] if t != tag]
+        root.delete_many([name for t in old for name in _all_names(root, t) + _all_names(root, f"{UPLOADED}/{t}")])
 
     def download(self, folder: Path) -> str | None:
         """Fetch the mirror's latest checkpoint into `folder` (a run's checkpoints/); its tag, or None."""

@@ -77,7 +77,10 @@ class RunConfig:
     skipped; 0: never. Skips are isolated in a healthy run (a few per thousand steps in the official
     runs); 100 in a row means the gradient norms now sit above skip_threshold and nothing is learnt."""
     checkpoint_mirror: str = ""
-    """Optional `s3://...` where checkpoints are mirrored and resumed from."""
+    """Optional `s3://...` where checkpoints are mirrored (in the background) and resumed from."""
+    mirror_wait_s: int = 240
+    """At the end of a job (done, or a signal's checkpoint), how long to wait for the mirror's pending
+    upload; keep it under the batch script's --signal-grace."""
     deepspeed_json: str = ""
     """Optional DeepSpeed JSON merged over the generated one; it may add settings, not contradict ours."""
     model_json: str = ""
@@ -125,6 +128,7 @@ class RunConfig:
             (not self.compile or self.zero_stage < 3, "compile=true works at zero_stage 0, 1 or 2: ZeRO-3 "
                                                       "gathers each parameter in module hooks that a compiled "
                                                       "block does not run; use zero_stage=2 or compile=false"),
+            (self.mirror_wait_s >= 0, "mirror_wait_s must be >= 0"),
             (self.collective_timeout_s >= 60, "collective_timeout_s must be at least 60"),
             (self.workers >= 0, "workers must be >= 0"),
             (self.max_steps >= 0, "max_steps must be >= 0 (0: until stopped)"),

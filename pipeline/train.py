@@ -309,6 +309,8 @@ class Trainer:
         # nothing. See end_distributed for what went wrong when the groups outlived the run.
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(sig, lambda signum, frame: None)
+        if getattr(self, "checkpointer", None) is not None:
+            self.checkpointer.finish_uploads()  # the job does not end before its checkpoint is mirrored
         if getattr(self, "engine", None) is not None:
             self.engine.destroy()
         self.engine = self.rule = self.ema = self.checkpointer = None

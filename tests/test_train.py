@@ -274,8 +274,11 @@ def test_checkpoints_mirrored_to_s3_and_resumed_from_there(data, tmp_path, free_
            f"checkpoint_mirror={mirror}")
     client = s3_server["client"]
     keys = {o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="runs/a/")["Contents"]}
-    assert "runs/a/latest" in keys and any(k.startswith("runs/a/global_step4/ema_rank") for k in keys)
-    assert not any(k.startswith("runs/a/global_step2/") for k in keys)  # pruned to the last one
+    # every rank's files are up (each uploaded its own, in the background; the job waited for them)
+    assert {k.removeprefix("runs/a/global_step4/") for k in keys if k.startswith("runs/a/global_step4/")} == \
+        {p.name for p in (run / "checkpoints" / "global_step4").iterdir() if p.is_file()}
+    assert {"runs/a/latest", "runs/a/uploaded/global_step4/rank00000", "runs/a/uploaded/global_step4/rank00001"} <= keys
+    assert not any("global_step2/" in k for k in keys)  # pruned to the last one
     shutil.rmtree(run / "checkpoints")  # the node and its disk are gone
     launch(data, run, free_port, "zero_stage=3", "max_steps=6", "checkpoint_every=100",
            f"checkpoint_mirror={mirror}")
