@@ -10,8 +10,10 @@ states, the run config. Layout of `RUN/checkpoints/`:
     latest                     the tag of the newest complete checkpoint, written last, by rename
 
 A checkpoint cut short by a crash is never the one resumed from. The
-optional S3 mirror holds `<mirror>/<tag>/<files>` and then `<mirror>/latest`
-(its commit point); a run folder lost with its node resumes from it.
+optional S3 mirror holds `<mirror>/<tag>/<files>`, uploaded by each rank in
+the background, `<mirror>/uploaded/<tag>/rank<R>` per rank once its files
+are up, and then `<mirror>/latest` (its commit point); a run folder lost
+with its node resumes from it.
 
 Nothing here unpickles code: every file is read with
 `torch.load(weights_only=True)`, allowing only the few plain DeepSpeed
