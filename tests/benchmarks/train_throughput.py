@@ -16,6 +16,20 @@ and reports, per stage:
     plain `engine.step()` with DeepSpeed's clipping and no EMA, alternating
     step by step in the same process (median of --steps pairs).
 Prints one JSON line per stage.
+
+    python tests/benchmarks/train_throughput.py --mirror [--preset cifar10] [--batch 2] [--steps 24]
+        [--checkpoint-every 6] [--stage 2]
+
+--mirror: the checkpoint mirror on a real SeaweedFS S3 (started here, on
+127.0.0.1), 2 ranks, in one pair of processes running three modes in turn
+over the same steps: no mirror; the background mirror (pipeline/checkpoint.py:
+each rank its own files, in a thread); and the synchronous upload the
+mirror had before (rank 0 uploads every file of the checkpoint, then
+`latest`, while the other rank waits at a barrier), reproduced here. Per
+mode: the mean and median training-step time (checkpoints excluded; in the
+background mode the steps overlap the uploads), and the wall-clock time a
+checkpoint costs the training ranks (from entering `save` to training
+again, the slower rank). One JSON line.
 """
 
 from __future__ import annotations
@@ -121,6 +135,133 @@ def worker(args) -> None:
         print(json.dumps(result), flush=True)
 
 
+def _old_sync_upload(url: str, folder: Path) -> None:
+    """The mirror before the background one: rank 0 put every file of the checkpoint, then `latest`."""
+    from data_prep.storage import open_store
+
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        open_store(f"{url}/{folder.name}").put_file(path.name, path)
+    open_store(url).write_bytes("latest", folder.name.encode())
+
+
+def mirror_worker(args) -> None:
+
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+
+    sys.path.insert(0, str(ROOT))
+    import deepspeed
+
+    from model import VDVAE
+    from pipeline.checkpoint import Checkpointer, Mirror
+    from pipeline.config import RunConfig
+    from pipeline.distributed import without_shared_memory_op
+    from pipeline.ema import EMA
+    from pipeline.engine import share_fp32_master
+    from pipeline.update import UpdateRule
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    without_shared_memory_op()
+    deepspeed.init_distributed(dist_backend="gloo")
+    run_dir = Path(args.run_root) / "run"
+    config = RunConfig.from_preset(args.preset, "unused", str(run_dir), [
+        f"zero_stage={args.stage}", f"batch_per_gpu={args.batch}", "keep_checkpoints=2",
+        f"checkpoint_mirror={args.mirror_url}"])
+    torch.manual_seed(0)
+    model = VDVAE(config.model_config())
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                      config=config.deepspeed_config(world, on_gpu=False))
+    share_fp32_master(engine)
+    rule = UpdateRule(engine, config.grad_clip, config.skip_threshold)
+    ema = EMA(engine, config.ema_rate, rank, world)
+
+    class Position:  # the data stream's part of the checkpoint (not what is measured here)
+        def state_dict(self) -> dict:
+            return {}
+
+    checkpointer = Checkpointer(config, engine, ema, Position(), rank, world)
+    size = config.model_config().image_size
+    images = torch.randint(0, 256, (args.batch, size, size, 3), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(rank))
+    results = {}
+    for mode in ("off", "background", "sync_before"):
+        checkpointer.mirror = Mirror(f"{args.mirror_url}/{mode}", rank, world, config.keep_checkpoints) \
+            if mode == "background" else None
+        steps, saves = [], []
+        for step in range(1, args.steps + 1):
+            start = time.perf_counter()
+            engine.backward(engine(images).elbo)
+            if not rule.step().skipped:
+                ema.update()
+            steps.append(time.perf_counter() - start)
+            if step % args.checkpoint_every == 0:
+                dist.barrier()
+                start = time.perf_counter()
+                folder = checkpointer.save(1000 * len(results) + step, {})
+                if mode == "sync_before":
+                    if rank == 0:
+                        _old_sync_upload(f"{args.mirror_url}/{mode}", folder)
+                    dist.barrier()
+                saves.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        finished = checkpointer.finish_uploads()
+        results[mode] = {"step_mean_s": float(np.mean(steps[1:])), "step_median_s": float(np.median(steps[1:])),
+                         "checkpoint_s": float(np.median(saves)), "end_wait_s": time.perf_counter() - start,
+                         "uploads_finished": finished}
+    slowest = [None] * world
+    dist.all_gather_object(slowest, results)
+    if rank == 0:
+        merged = {mode: {k: max(r[mode][k] for r in slowest) if k.endswith("_s") else all(r[mode][k] for r in slowest)
+                         for k in results[mode]} for mode in results}
+        print(json.dumps(merged), flush=True)
+    engine.destroy()
+    dist.destroy_process_group()
+
+
+def run_mirror_benchmark(args) -> None:
+    import tempfile
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from services import SeaweedFS
+
+    with tempfile.TemporaryDirectory(prefix="mirror-bench-") as tmp:
+        server = SeaweedFS(Path(tmp) / "s3")
+        try:
+            server.client().create_bucket(Bucket="bench")
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+            procs = []
+            for rank in range(2):
+                env = dict(os.environ, **server.env, DS_ACCELERATOR="cpu", RANK=str(rank), WORLD_SIZE="2",
+                           LOCAL_RANK=str(rank), LOCAL_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                           OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+                procs.append(subprocess.Popen(
+                    [sys.executable, __file__, "--mirror-worker", "--stage", str(args.stage), "--preset", args.preset,
+                     "--batch", str(args.batch), "--steps", str(args.steps), "--checkpoint-every",
+                     str(args.checkpoint_every), "--run-root", tmp, "--mirror-url", "s3://bench/mirror"],
+                    env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+            outs = [p.communicate() for p in procs]
+            for p, (_, err) in zip(procs, outs, strict=True):
+                if p.returncode != 0:
+                    raise SystemExit(err[-3000:])
+            modes = json.loads(outs[0][0].strip().splitlines()[-1])
+            checkpoint_bytes = sum(f.stat().st_size for f in (Path(tmp) / "run" / "checkpoints").rglob("*")
+                                   if f.is_file()) / max(1, len(list((Path(tmp) / "run" / "checkpoints").glob("global_step*"))))
+        finally:
+            server.stop()
+    off = modes["off"]
+    print(json.dumps({"preset": args.preset, "ranks": 2, "stage": args.stage, "batch_per_rank": args.batch,
+                      "steps": args.steps, "checkpoint_every": args.checkpoint_every,
+                      "checkpoint_gb": round(checkpoint_bytes / 2**30, 3),
+                      **{mode: {k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}
+                         for mode, r in modes.items()},
+                      "background_step_over_off": round(modes["background"]["step_mean_s"] / off["step_mean_s"], 3),
+                      "checkpoint_cost_before_s": round(modes["sync_before"]["checkpoint_s"], 3),
+                      "checkpoint_cost_after_s": round(modes["background"]["checkpoint_s"], 3)}), flush=True)
+
+
 def launch(args, stage: int) -> dict:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -150,11 +291,22 @@ def main() -> None:
     parser.add_argument("--stages", default="0,2,3")
     parser.add_argument("--separate-master", action="store_true",
                         help="keep DeepSpeed's own separate fp32 master copy at stage 3 (as before share_fp32_master)")
-    parser.add_argument("--stage", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--mirror", action="store_true", help="the checkpoint mirror benchmark (see above)")
+    parser.add_argument("--checkpoint-every", type=int, default=6, help="--mirror: steps between checkpoints")
+    parser.add_argument("--stage", type=int, default=None, help="--mirror: the ZeRO stage (default 2)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--mirror-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--run-root", help=argparse.SUPPRESS)
+    parser.add_argument("--mirror-url", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(args)
+    if args.mirror_worker:
+        return mirror_worker(args)
+    if args.mirror:
+        args.stage = 2 if args.stage is None else args.stage
+        args.steps = 24 if args.steps == 6 else args.steps
+        return run_mirror_benchmark(args)
     results = {stage: launch(args, stage) for stage in map(int, args.stages.split(","))}
     for stage, r in results.items():
         line = {"preset": args.preset, "ranks": 2, "batch_per_rank": args.batch, "stage": stage,
