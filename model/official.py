@@ -11,6 +11,7 @@ before touching the model.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -39,6 +40,7 @@ class CheckpointMismatchError(ValueError):
     """A state dict that does not fit the requested preset."""
 
 
+@functools.lru_cache(maxsize=None)  # (a preset's model takes a second to build, even on the meta device)
 def _expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):
         model = VDVAE(config)

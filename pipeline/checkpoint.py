@@ -2,8 +2,9 @@
 
 Parts: the DeepSpeed engine (model, optimizer and ZeRO partitions), the
 EMA (one shard per rank under ZeRO 1-3, one file at stage 0), and the
-client state: step, counters, every rank's data-stream position and RNG
-states, the run config. Layout of `RUN/checkpoints/`:
+client state: step, counters, the world size, the data stream's cursor
+(world-free, `stream.py`), every rank's RNG states, the run config. Layout
+of `RUN/checkpoints/`:
 
     global_step<N>/            DeepSpeed's files, the client state inside its model-states file(s)
     global_step<N>/ema_rank<R:05d>.pt
@@ -15,6 +16,16 @@ the background, `<mirror>/uploaded/<tag>/rank<R>` per rank once its files
 are up, and then `<mirror>/latest` (its commit point); a run folder lost
 with its node resumes from it.
 
+On the ranks that wrote it, a checkpoint is resumed through DeepSpeed's own
+loader. On another number of ranks (ZeRO 1-3: as many optimizer files as
+ranks wrote them), every rank reads the partitions into whole fp32
+tensors (`read_checkpoint`: the weights, the Adam moments and step counts,
+the EMA) and takes its new share of them (`zero_state.py`); at stage 0 the
+files do not depend on the ranks and DeepSpeed's loader serves. The stream
+continues from its cursor; the RNG states are reseeded from (seed, step,
+rank) when the ranks changed (so the latent noise differs from an
+uninterrupted run's; nothing else does).
+
 Nothing here unpickles code: every file is read with
 `torch.load(weights_only=True)`, allowing only the few plain DeepSpeed
 classes its checkpoints hold (`SAFE_DEEPSPEED_GLOBALS`); our own parts hold
@@ -25,6 +36,7 @@ fails with `CheckpointError` naming it.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -41,13 +53,14 @@ import torch.distributed as dist
 from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
-from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
 from data_prep.storage import LocalStore, open_store
 
 from .config import RunConfig
+from .stream import legacy_cursor
 from .weights import UnsafeFileError
 from .weights import safe_load as _safe_load
+from .zero_state import MOMENTS, AdamState, load_adam_state, load_whole_ema
 
 LATEST = "latest"
 TAG_PREFIX = "global_step"
@@ -103,10 +116,10 @@ def ema_file(rank: int) -> str:
     return f"ema_rank{rank:05d}.pt"
 
 
-def safe_load(path: str | os.PathLike, map_location="cpu"):
+def safe_load(path: str | os.PathLike, map_location="cpu", mmap: bool = False):
     """`torch.load` that cannot run code: tensors, plain containers and SAFE_DEEPSPEED_GLOBALS only."""
     try:
-        return _safe_load(path, SAFE_DEEPSPEED_GLOBALS, map_location)
+        return _safe_load(path, SAFE_DEEPSPEED_GLOBALS, map_location, mmap)
     except FileNotFoundError:
         raise CheckpointError(f"{os.fspath(path)} does not exist: the checkpoint is incomplete") from None
     except UnsafeFileError as err:
@@ -120,6 +133,14 @@ def _rng_state() -> dict:
             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                       "has_gauss": int(has_gauss), "gauss": float(gauss)},
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _reseed(seed: int, step: int, rank: int) -> None:
+    """Fresh RNG states for a rank of a job whose ranks changed: from (seed, step, rank)."""
+    mixed = int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
+    torch.manual_seed(mixed)
+    np.random.seed(mixed)
+    random.seed(mixed)
 
 
 def _set_rng_state(state: dict) -> None:
@@ -137,6 +158,8 @@ class Resumed:
     tag: str
     step: int
     counters: dict
+    world: int
+    """The ranks that wrote the checkpoint."""
 
 
 class Checkpointer:
@@ -164,7 +187,8 @@ class Checkpointer:
         streams, rngs = [None] * self.world, [None] * self.world
         dist.all_gather_object(streams, self.stream.state_dict())
         dist.all_gather_object(rngs, _rng_state())
-        client = {"step": step, "streams": streams, "rng": rngs, "counters": dict(counters),
+        cursor = dict(streams[0], skipped=sum(int(s["skipped"]) for s in streams))  # the same on every rank
+        client = {"step": step, "world": self.world, "stream": cursor, "rng": rngs, "counters": dict(counters),
                   "config": self.config.to_json()}
         # DeepSpeed's own `latest` is written by rank 0 before the other ranks are known to have
         # finished, and not atomically: ours is written after a barrier, by rename.
@@ -200,17 +224,46 @@ class Checkpointer:
         tag = latest_tag(self.config.run_dir)
         if tag is None:
             return None
-        # DeepSpeed reads its files through the safe load set in __init__, so nothing there is read twice
-        path, client = self.engine.load_checkpoint(str(self.folder), tag=tag)
-        if path is None:
-            raise CheckpointError(f"{self.folder}/{LATEST} names {tag}, which cannot be loaded")
-        if len(client["streams"]) != self.world:
-            raise CheckpointError(f"checkpoint {tag} was written by {len(client['streams'])} ranks, this job has "
-                                  f"{self.world}: resume with the same number of ranks")
-        self.ema.load_state_dict(safe_load(self.folder / tag / ema_file(self.rank if self.ema.sharded else 0)))
-        self.stream.load_state_dict(client["streams"][self.rank])
-        _set_rng_state(client["rng"][self.rank])
-        return Resumed(tag, int(client["step"]), dict(client["counters"]))
+        folder, stage = self.folder / tag, self.engine.zero_optimization_stage()
+        written_by = saved_world(folder, stage)
+        if written_by in (None, self.world):
+            # DeepSpeed reads its files through the safe load set in __init__, so nothing there is read twice
+            path, client = self.engine.load_checkpoint(str(self.folder), tag=tag)
+            if path is None:
+                raise CheckpointError(f"{self.folder}/{LATEST} names {tag}, which cannot be loaded")
+            self.ema.load_state_dict(safe_load(folder / ema_file(self.rank if self.ema.sharded else 0)))
+        else:
+            client = self._repartition(folder, stage, written_by)
+        written_by = int(client.get("world", len(client["rng"])))
+        self.stream.load_state_dict(client["stream"] if "stream" in client else legacy_cursor(client["streams"]))
+        if written_by == self.world:
+            _set_rng_state(client["rng"][self.rank])
+        else:
+            _reseed(self.config.seed, int(client["step"]), self.rank)
+        return Resumed(tag, int(client["step"]), dict(client["counters"]), written_by)
+
+    def _repartition(self, folder: Path, stage: int, written_by: int) -> dict:
+        """Resume a checkpoint of `written_by` ranks on this job's: every rank reads it whole and takes
+        its share. The client state."""
+        started = time.perf_counter()
+        saved = read_checkpoint(folder, stage)
+        load_adam_state(self.engine, saved.adam)
+        load_whole_ema(self.ema, saved.ema)
+        for name, value in saved.engine_counters.items():  # DeepSpeed's own step and sample counts
+            setattr(self.engine, name, value)
+        scaler = getattr(self.engine.optimizer, "loss_scaler", None)
+        for name in _SCALER_FIELDS if saved.loss_scaler is not None and scaler is not None else ():
+            if hasattr(saved.loss_scaler, name) and hasattr(scaler, name):
+                setattr(scaler, name, getattr(saved.loss_scaler, name))
+        dist.barrier()
+        if self.rank == 0:
+            print(f"{folder.name}: written by {written_by} rank{'s' * (written_by != 1)}, re-partitioned for "
+                  f"{self.world} in {time.perf_counter() - started:.1f} s", flush=True)
+        return saved.client
+
+
+_SCALER_FIELDS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
+"""An fp16 dynamic loss scale's state (DeepSpeed's DynamicLossScaler)."""
 
 
 class Mirror:
@@ -323,17 +376,175 @@ def load_run_config(run_dir: str | os.PathLike) -> RunConfig:
     return RunConfig.from_json(path.read_bytes(), str(path))
 
 
-def consolidate(run_dir: str | os.PathLike, tag: str | None = None) -> tuple[RunConfig, str, dict, dict]:
-    """(config, tag, model state dict, EMA state dict) of a run's checkpoint, whole, fp32, on the CPU.
+_OPTIM_FILE = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt")  # (bf16_: bf16 runs)
+_ENGINE_COUNTERS = ("global_steps", "global_samples", "skipped_steps")
 
-    The model comes from DeepSpeed's own consolidation (`zero_to_fp32`) at
-    ZeRO 1-3, or its model-states file at stage 0; every file is first
-    checked to load safely. The EMA at ZeRO 1-3 is one file per rank, each
-    holding its piece of every parameter and where that piece starts in the
-    parameter's flattened values (`EMA.starts`); the pieces are put in place
-    (under ZeRO-3 rank r holds [r * ceil(n / world), ...), the last one padded
-    beyond n).
-    """
+
+def _model_states_file(folder: Path, stage: int) -> Path:
+    return folder / ("zero_pp_rank_0_mp_rank_00_model_states.pt" if stage == 3 else "mp_rank_00_model_states.pt")
+
+
+def _optim_files(folder: Path) -> list[Path]:
+    """The ZeRO optimizer files of a checkpoint, in rank order; refused when a rank's is missing."""
+    files = {int(m.group(1)): p for p in folder.iterdir() if (m := _OPTIM_FILE.fullmatch(p.name))}
+    missing = sorted(set(range(max(files, default=-1) + 1)) - set(files))
+    if missing:
+        raise CheckpointError(f"{folder}: the optimizer files of ranks {missing} are missing: the checkpoint is "
+                              "incomplete")
+    return [files[r] for r in sorted(files)]
+
+
+def saved_world(folder: Path, stage: int) -> int | None:
+    """How many ranks wrote a ZeRO 1-3 checkpoint (one optimizer file each); None at stage 0, whose
+    files are the same for any number of ranks."""
+    if stage == 0:
+        return None
+    return len(_optim_files(folder)) or None
+
+
+@dataclass
+class SavedCheckpoint:
+    """A checkpoint read whole, world-free: what any number of ranks can resume from."""
+
+    adam: AdamState
+    ema: dict[str, torch.Tensor]
+    client: dict
+    """Our client state: step, world, stream, rng, counters, config."""
+    engine_counters: dict[str, int]
+    loss_scaler: object | None
+
+
+def _walk_flat(flat: torch.Tensor, shapes: dict, paddings: list[int] | None, where: Path) -> dict:
+    """ZeRO 1-2: a parameter group's flat values (the ranks' partitions end to end) as tensors."""
+    out, offset = {}, 0
+    for i, (name, shape) in enumerate(shapes.items()):
+        n = math.prod(shape)
+        if offset + n > flat.numel():
+            raise CheckpointError(f"{where}: the partitions hold {flat.numel()} values, fewer than the parameters "
+                                  "they should hold: the checkpoint is damaged or of another layout")
+        out[name] = flat.narrow(0, offset, n).reshape(tuple(shape)).clone()
+        offset += n + (paddings[i] if paddings else 0)
+    return out
+
+
+def _zero12(osds: list[dict], shapes: list[dict], key: str | None, where: Path) -> dict:
+    """Whole tensors from the ranks' ZeRO 1-2 partitions: the fp32 master (`key` None) or a moment."""
+    out = {}
+    for g, group_shapes in enumerate(shapes):
+        pieces = []
+        for osd in osds:
+            master = osd["single_partition_of_fp32_groups"][g]  # (saved without the last rank's padding)
+            if key is None:
+                pieces.append(master.float())
+                continue
+            base = osd["base_optimizer_state"]
+            slot = base["state"][g] if isinstance(base, dict) else base[g]
+            pieces.append(slot[key].float()[:master.numel()])
+        paddings = osds[0].get("param_alignment_paddings")
+        out.update(_walk_flat(torch.cat(pieces), group_shapes, paddings[g] if paddings else None, where))
+    return out
+
+
+def _zero3(osds: list[dict], shapes: list[dict], key: str | None, where: Path) -> dict:
+    """Whole tensors from the ranks' ZeRO-3 partitions: parameter i is the ranks' ceil(n / world)
+    values each, end to end, at the same offset of every rank's flat buffers."""
+    world = len(osds)
+    flats = []
+    for osd in osds:
+        groups = osd["fp32_flat_groups"]
+        if key is None:
+            flats.append(torch.cat([t.float().reshape(-1) for t in groups]))
+            continue
+        state = osd["optimizer_state_dict"]["state"]
+        if len(state) != len(groups):
+            raise CheckpointError(f"{where}: {len(state)} optimizer states for {len(groups)} ZeRO-3 sub-groups")
+        flats.append(torch.cat([state[i][key].float().reshape(-1) for i in range(len(groups))]))
+    out, offset = {}, 0
+    for name, shape in ((k, v) for group in shapes for k, v in group.items()):
+        n = math.prod(shape)
+        size = math.ceil(n / world)
+        if offset + size > flats[0].numel():
+            raise CheckpointError(f"{where}: the ZeRO-3 partitions are shorter than the parameters they should hold")
+        out[name] = torch.cat([flat.narrow(0, offset, size) for flat in flats])[:n].reshape(tuple(shape)).clone()
+        offset += size
+    return out
+
+
+def _step_of_slots(slots, where: Path) -> int:
+    steps = {int(float(slot["step"])) for slot in slots if "step" in slot}
+    if len(steps) > 1:
+        raise CheckpointError(f"{where}: the optimizer states disagree on the step count ({sorted(steps)})")
+    return steps.pop() if steps else 0
+
+
+def _whole_ema(shards: list[dict], shapes: dict[str, tuple], where: Path) -> dict[str, torch.Tensor]:
+    """The EMA, whole, from its files: at ZeRO 1-3 each rank's piece of every parameter and where the
+    piece starts in the parameter's flattened values (`EMA.starts`) put in place (under ZeRO-3 rank r
+    holds [r * ceil(n / world), ...), the last one padded beyond n)."""
+    if not shards:
+        raise FileNotFoundError(f"{where} holds no EMA (ema_rank*.pt)")
+    ema = {}
+    for i, name in enumerate(shards[0]["names"]):
+        n = math.prod(shapes[name])
+        flat = torch.zeros(n)
+        for shard in shards:  # each rank's piece in place (a partition's padding falls beyond n)
+            piece, start = shard["shadow"][i].reshape(-1), shard["starts"][i]
+            k = max(0, min(piece.numel(), n - start))
+            flat[start:start + k] = piece[:k].float()
+        ema[name] = flat.reshape(tuple(shapes[name]))
+    return ema
+
+
+def read_checkpoint(folder: Path, stage: int, moments: bool = True) -> SavedCheckpoint:
+    """A checkpoint folder of any ZeRO stage and world size, whole, fp32, on the CPU, every file read
+    safely (tensors memory-mapped: what is not used is not read). `moments=False`: weights only."""
+    states = safe_load(_model_states_file(folder, stage), mmap=True)
+    client = {k: v for k, v in states.items() if k in ("step", "world", "stream", "streams", "rng", "counters",
+                                                        "config")}
+    counters = {k: states[k] for k in _ENGINE_COUNTERS if k in states}
+    scaler = None
+    if stage == 0:
+        module, buffers = states["module"], set(states.get("buffer_names") or ())
+        names = [k for k in module if k not in buffers]
+        weights = {k: module[k].float().clone() for k in names}
+        shapes = {k: tuple(v.shape) for k, v in weights.items()}
+        optimizer = states.get("optimizer") or {"state": {}, "param_groups": []}
+        ids = [i for group in optimizer["param_groups"] for i in group["params"]]
+        slots = [optimizer["state"].get(i, {}) for i in ids]
+        adam = AdamState(weights, step=_step_of_slots(slots, folder))
+        if moments and slots and all(key in slot for slot in slots for key in MOMENTS):
+            if len(ids) != len(names):
+                raise CheckpointError(f"{folder}: {len(ids)} optimizer states for {len(names)} parameters")
+            adam.exp_avg, adam.exp_avg_sq = ({name: slot[key].float().clone()
+                                              for name, slot in zip(names, slots, strict=True)} for key in MOMENTS)
+    else:
+        files = _optim_files(folder)
+        osds = [safe_load(path, mmap=True)["optimizer_state_dict"] for path in files]
+        count = osds[0].get("partition_count")
+        count = max(count) if isinstance(count, list) else count
+        if count != len(files):
+            raise CheckpointError(f"{folder}: {len(files)} optimizer files, written by {count} ranks")
+        shapes_by_group = states["param_shapes"]
+        shapes = {k: tuple(v) for group in shapes_by_group for k, v in group.items()}
+        unflatten = _zero3 if stage == 3 else _zero12
+        adam = AdamState(unflatten(osds, shapes_by_group, None, folder))
+        if stage == 3:
+            slots = [slot for osd in osds for slot in osd["optimizer_state_dict"]["state"].values()]
+        else:
+            slots = [slot for osd in osds for slot in (osd["base_optimizer_state"]["state"].values()
+                     if isinstance(osd["base_optimizer_state"], dict) else osd["base_optimizer_state"])]
+        adam.step = _step_of_slots(slots, folder)
+        if moments and slots and all(key in slot for slot in slots for key in MOMENTS):
+            adam.exp_avg, adam.exp_avg_sq = (unflatten(osds, shapes_by_group, key, folder) for key in MOMENTS)
+        scaler = osds[0].get("loss_scaler")
+    shards = [safe_load(path, mmap=True) for path in sorted(folder.glob("ema_rank*.pt"))]
+    return SavedCheckpoint(adam, _whole_ema(shards, shapes, folder), client, counters, scaler)
+
+
+def consolidate(run_dir: str | os.PathLike, tag: str | None = None) -> tuple[RunConfig, str, dict, dict]:
+    """(config, tag, model state dict, EMA state dict) of a run's checkpoint, whole, fp32, on the CPU
+    (`read_checkpoint`: the fp32 master weights joined from the ZeRO partitions, the EMA from its
+    per-rank pieces)."""
     config = load_run_config(run_dir)
     folder_root = checkpoints_dir(run_dir)
     tag = tag or latest_tag(run_dir)
@@ -342,29 +553,7 @@ def consolidate(run_dir: str | os.PathLike, tag: str | None = None) -> tuple[Run
     folder = folder_root / tag
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} does not exist")
-    files = {}  # every file checked before DeepSpeed's own reader (not a safe one) opens it; kept: ours
-    for path in sorted(folder.glob("*.pt")):
-        state = safe_load(path)
-        if path.name.startswith("ema_rank") or path.name == "mp_rank_00_model_states.pt":
-            files[path.name] = state
-        del state  # (the optimizer states are large: not held while DeepSpeed reads them again)
-    if config.zero_stage == 0:
-        if "mp_rank_00_model_states.pt" not in files:
-            raise CheckpointError(f"{folder} has no mp_rank_00_model_states.pt")
-        model = files["mp_rank_00_model_states.pt"]["module"]
-    else:
-        model = get_fp32_state_dict_from_zero_checkpoint(str(folder_root), tag=tag)
-    model = {k: v.float() for k, v in model.items()}
-    shards = [files[name] for name in sorted(files) if name.startswith("ema_rank")]
-    if not shards:
-        raise FileNotFoundError(f"{folder} holds no EMA (ema_rank*.pt)")
-    ema = {}
-    for i, name in enumerate(shards[0]["names"]):
-        n = model[name].numel()
-        flat = torch.zeros(n)
-        for shard in shards:  # each rank's piece in place (a partition's padding falls beyond n)
-            piece, start = shard["shadow"][i].reshape(-1), shard["starts"][i]
-            k = max(0, min(piece.numel(), n - start))
-            flat[start:start + k] = piece[:k]
-        ema[name] = flat.reshape(model[name].shape)
-    return config, tag, model, ema
+    if not _model_states_file(folder, config.zero_stage).is_file():
+        raise CheckpointError(f"{folder} has no {_model_states_file(folder, config.zero_stage).name}")
+    saved = read_checkpoint(folder, config.zero_stage, moments=False)
+    return config, tag, saved.adam.weights, saved.ema

@@ -21,14 +21,17 @@ from pathlib import Path
 from data_prep.shards import ManifestError, Split, read_json
 from model import ModelConfig, get_preset
 
+from .init import check_start
+
 PRECISIONS = ("fp32", "bf16", "fp16")
 _BUCKET = 5_000_000  # elements per ZeRO communication bucket
 _PAPER = {"batch_per_gpu": "batch_per_gpu", "lr": "lr", "grad_clip": "grad_clip",
           "skip_threshold": "skip_threshold", "ema_rate": "ema_rate", "weight_decay": "weight_decay",
           "warmup_iters": "warmup_iters"}
 """Run config field -> the preset's PaperTraining field it defaults to (the betas are split below)."""
-RUN_FOLDER_FIXED = ("preset", "data", "model_json", "batch_per_gpu", "seed", "zero_stage")
-"""What a run folder's saved config must share with a config that resumes it."""
+RUN_FOLDER_FIXED = ("preset", "data", "model_json", "seed", "zero_stage")
+"""What a run folder's saved config must share with a config that resumes it (the ranks, the batch per
+rank and the accumulation may change: the data stream's position is world-free)."""
 
 
 class ConfigError(ValueError):
@@ -85,6 +88,15 @@ class RunConfig:
     """Optional DeepSpeed JSON merged over the generated one; it may add settings, not contradict ours."""
     model_json: str = ""
     """Optional JSON of model settings (`ModelConfig` fields) over the preset's: a custom architecture."""
+    init: str = ""
+    """Start a new run from weights: one of our weights files, an exported run's folder (`vdvae export`),
+    or an official `*-model.th`; fresh optimizer, step 0, the preset's warmup (`pipeline/init.py`). A
+    run folder with a checkpoint resumes from that instead."""
+    init_ema: str = ""
+    """With `init`: the EMA's starting weights (the same kinds of file); default: equal to the weights."""
+    init_official: str = ""
+    """Continue an official run: PREFIX of its PREFIX-model.th, -model-ema.th, -opt.th and -log.jsonl
+    (weights, EMA, Adam moments and step counts, and the iteration from the log)."""
     overrides: tuple[str, ...] = field(default=())
     """The `key=value` strings this config was made with, as given."""
 
@@ -138,6 +150,9 @@ class RunConfig:
             (self.max_consecutive_skips >= 0, "max_consecutive_skips must be >= 0 (0: never stop for skips)"),
             (not self.checkpoint_mirror or self.checkpoint_mirror.startswith("s3://"),
              "checkpoint_mirror must be an s3:// URL"),
+            (not self.init_ema or self.init, "init_ema needs init (the weights it goes with)"),
+            (not self.init_official or not (self.init or self.init_ema),
+             "init_official brings its own weights and EMA: give it without init and init_ema"),
         ]
         problems += [message for ok, message in checks if not ok]
         if self.deepspeed_json:
@@ -408,6 +423,7 @@ def validate_run(config: RunConfig, world_size: int, on_gpu: bool) -> dict[str, 
                           f"{ds['train_micro_batch_size_per_gpu']} x {ds['gradient_accumulation_steps']} x "
                           f"{world_size} ranks")
     check_run_folder(config)
+    check_start(config)  # init=, init_ema=, init_official=: every file readable and of this model
     counts = check_data(config)
     problem = batch_problem(config, counts, world_size)
     if problem:

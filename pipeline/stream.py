@@ -1,31 +1,50 @@
 """Stream a split's shards from S3 (or a folder) into training and evaluation.
 
-The order of an epoch is a pure function of (manifest, seed, epoch, rank,
-world size, batch size, piece size), never of the worker count or of
-timing:
+Training order is defined for the whole job, not per rank: it is a pure
+function of (manifest, seed, epoch, block size), never of the world size,
+the batch size, the worker count or timing, so a run can resume on another
+number of ranks:
 
-1. The epoch's shard order is a permutation seeded by (seed, epoch) (train)
-   or the manifest's order (eval); the shards' samples, end to end, form
-   one sequence.
-2. Rank r takes a contiguous stretch of it. Training: every rank takes
-   `N // (world * batch)` batches' worth, the few samples left over (a
-   different few each epoch) wait for the next epoch, so every rank yields
-   exactly the same number of batches. Evaluation: the ranks split all N
-   samples between them (counts differ by at most one) and pad with
-   masked-out rows to the same number of batches; no sample is seen twice.
-3. A rank's stretch is cut into pieces of `piece_samples` (a whole number of
-   batches). A piece is fetched with one ranged read per shard it touches
-   (the manifest records where every sample starts), shuffled with a
-   permutation seeded by (seed, epoch, rank, piece) (train), decoded and
-   batched. DataLoader worker w reads pieces w, w + W, ...; the batches are
-   put back in order in the main process, so W changes nothing.
+1. The epoch's shard order is a permutation seeded by (seed, epoch); the
+   shards' samples, end to end, form the epoch's sequence of N samples.
+2. The sequence is cut into `LANES` equal lanes; block k takes the k-th
+   stretch of `block_samples / LANES` samples of every lane, and is shuffled
+   with a permutation seeded by (seed, epoch, k). The blocks, in order, are
+   the epoch's global order (a shuffle within about `block_samples` samples
+   drawn from 16 places of the epoch).
+3. The position in an epoch is a cursor of samples consumed. From a cursor
+   c, with `world` ranks of `batch` samples, micro-batch j of every rank
+   together is the next `world * batch` samples of the global order,
+   positions c + j * world * batch onwards; rank r takes the r-th `batch` of
+   them in shard order (so a rank reads near where its previous batch lay).
+   An epoch ends when fewer than `world * batch` samples remain; those few
+   (a different few each epoch) wait for the next one. So every rank yields
+   the same number of batches; with the global batch unchanged (`batch x
+   world x grad_accum`) a resumed run on other ranks sees exactly the
+   samples, in the same global batches, that the uninterrupted run would;
+   with another global batch every sample left in the epoch is still seen
+   exactly once before the next begins.
+4. Evaluation: the manifest's order, the ranks split all N samples between
+   them (counts differ by at most one) and pad with masked-out rows to the
+   same number of batches; no sample is seen twice.
 
-The state is (epoch, batches handed out in that epoch): restoring it yields
-exactly the batches, keys included, that would have come next, with any
-worker count. A sample that does not decode, differs from its digest in
-the manifest, or is missing from a truncated shard, is counted in `Batch.skipped`; in training its row is
-filled with another sample of the same piece, in evaluation the row is
-masked out (`Batch.valid`), so no rank ever yields fewer batches.
+A rank reads its batches in pieces of `piece_samples` of its own samples (a
+whole number of batches, about 256 MB decoded); a piece's samples are
+fetched with one ranged read per run of them in a shard, runs less than
+`_GAP_BYTES` apart read as one. DataLoader worker w reads pieces w, w + W,
+...; the batches are put back in order in the main process, so W changes
+nothing. On many ranks a rank of small images so reads about `world` times
+the bytes it keeps (a few MB/s a rank at 32 px), one of large images one
+read a sample.
+
+The state is a world-free cursor (epoch, samples consumed, seed, block
+size): restoring it yields exactly the batches, keys included, that would
+have come next, with any worker count, and a rank's share for any world
+size. A sample that does not decode, differs from its digest in the
+manifest, or is missing from a truncated shard, is counted in
+`Batch.skipped`; in training its row is filled with the next readable
+sample of the rank's batches (the same batch first), in evaluation the row
+is masked out (`Batch.valid`), so no rank ever yields fewer batches.
 
 Preprocessing (normalisation, 5-bit targets, [0, 1] scaling) is the
 model's `preprocess`, run on the device after `Batch.to(device)`.
@@ -36,10 +55,9 @@ from __future__ import annotations
 import importlib
 import io
 import math
-from bisect import bisect_right
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from urllib.parse import urlparse
 
 import numpy as np
@@ -52,6 +70,10 @@ from data_prep.storage import Retry, open_store
 _DECODED_PIECE_BYTES = 256 << 20  # default piece: about this much decoded pixel data
 _MAX_PIECE_SAMPLES = 4096
 _HANDOFF_BYTES, _HANDOFF_BATCHES = 2 << 20, 64  # batches a worker hands over at once (one pipe message)
+_GAP_BYTES = 1 << 20  # samples of a shard less than this apart are fetched by one read (the gap read through)
+_RUN_BYTES = 64 << 20  # ... up to this much in one read
+LANES = 16
+"""Places of the epoch's sequence a shuffle block draws from (world-free: part of the order)."""
 
 
 class StreamError(ValueError):
@@ -67,12 +89,18 @@ class _Sample:
     fields: dict[str, bytes] | None  # None: missing from the shard (truncated) or damaged
 
 
-def _read_segment(store, shard: ShardInfo, start: int, stop: int, retry: Retry, verify: bool) -> list[_Sample]:
-    """Samples start..stop-1 of a shard, with one ranged read, each checked against its digest; the
+def _read_segment(store, shard: ShardInfo, start: int, stop: int, wanted: list[int], retry: Retry,
+                  verify: bool) -> dict[int, _Sample]:
+    """The `wanted` samples (indices in start..stop-1) of a shard, by index, with one ranged read of
+    start..stop-1, each checked against its digest (the samples read through are not parsed); the
     missing (a truncated shard) and damaged ones marked unreadable."""
-    data = store.read_range(shard.name, shard.offsets[start], shard.offsets[stop], retry)
-    return [_Sample(key or f"{shard.name}#{i}", fields)
-            for i, (key, fields) in enumerate(split_samples(data, shard, start, stop, verify), start)]
+    data = memoryview(store.read_range(shard.name, shard.offsets[start], shard.offsets[stop], retry))
+    base, samples = shard.offsets[start], {}
+    for i in wanted:
+        ((key, fields),) = split_samples(data[shard.offsets[i] - base:shard.offsets[i + 1] - base], shard, i, i + 1,
+                                         verify)
+        samples[i] = _Sample(key or f"{shard.name}#{i}", fields)
+    return samples
 
 
 def _decode(sample: _Sample, resolution: int) -> np.ndarray | None:
@@ -113,7 +141,7 @@ class Batch:
     """Samples of this batch that could not be read (replaced in training, masked in eval)."""
     epoch: int
     index: int
-    """The batch's number within its epoch, on this rank."""
+    """The batch's number on this rank since the stream's cursor in this epoch."""
 
     def pin_memory(self) -> "Batch":
         return Batch(self.images.pin_memory(), self.keys, self.labels.pin_memory(), self.valid.pin_memory(),
@@ -128,21 +156,10 @@ class Batch:
         return len(self.keys)
 
 
-@dataclass(frozen=True)
-class _Piece:
-    index: int
-    segments: tuple[tuple[int, int, int], ...]  # (shard, start, stop)
-    first_batch: int
-    num_batches: int
-
-    @property
-    def num_samples(self) -> int:
-        return sum(stop - start for _, start, stop in self.segments)
-
-
 @dataclass
 class _Plan:
-    """What one rank reads: its pieces, in order (see the module's docstring)."""
+    """What one rank reads: its batches, as positions in the epoch's sequence of samples, in order
+    (see the module's docstring)."""
 
     split: Split
     batch_size: int
@@ -151,74 +168,89 @@ class _Plan:
     seed: int
     train: bool
     piece_samples: int
+    block_samples: int
     verify: bool = True
-    batches_per_epoch: int = field(init=False)
 
     def __post_init__(self) -> None:
         n, b, w = self.split.num_samples, self.batch_size, self.world
-        if self.train:
-            self.batches_per_epoch = n // (w * b)
-            if self.batches_per_epoch == 0:
-                raise StreamError(f"{self.split.url}: {n} samples cannot give every one of {w} ranks a batch of "
-                                  f"{b}; use a smaller batch or fewer ranks")
-        else:
-            self.batches_per_epoch = math.ceil(math.ceil(n / w) / b)
+        if self.train and n // (w * b) == 0:
+            raise StreamError(f"{self.split.url}: {n} samples cannot give every one of {w} ranks a batch of "
+                              f"{b}; use a smaller batch or fewer ranks")
 
-    def rank_range(self) -> tuple[int, int]:
-        n, w, r = self.split.num_samples, self.world, self.rank
+    @property
+    def samples_per_step(self) -> int:
+        """Samples one micro-batch of every rank takes from the global order."""
+        return self.world * self.batch_size
+
+    def num_batches(self, start: int) -> int:
+        """This rank's batches from cursor `start` to the end of the epoch (the same on every rank)."""
+        n, b, w = self.split.num_samples, self.batch_size, self.world
         if self.train:
-            per_rank = self.batches_per_epoch * self.batch_size
-            return r * per_rank, (r + 1) * per_rank
-        return r * n // w, (r + 1) * n // w
+            return max(0, n - start) // (w * b)
+        return math.ceil(math.ceil(n / w) / b)
 
     def shard_order(self, epoch: int) -> list[int]:
         if not self.train:
             return list(range(len(self.split.shards)))
         return [int(i) for i in np.random.default_rng([self.seed, epoch]).permutation(len(self.split.shards))]
 
-    def pieces(self, epoch: int) -> list[_Piece]:
-        order = self.shard_order(epoch)
-        starts = np.cumsum([0] + [self.split.shards[i].count for i in order]).tolist()
-        lo, hi = self.rank_range()
-        pieces, batch = [], 0
-        for index, p0 in enumerate(range(lo, hi, self.piece_samples)):
-            p1 = min(p0 + self.piece_samples, hi)
-            segments, at = [], p0
-            while at < p1:
-                k = bisect_right(starts, at) - 1
-                stop = min(p1, starts[k + 1])
-                segments.append((order[k], at - starts[k], stop - starts[k]))
-                at = stop
-            num_batches = math.ceil((p1 - p0) / self.batch_size)
-            pieces.append(_Piece(index, tuple(segments), batch, num_batches))
-            batch += num_batches
-        if batch < self.batches_per_epoch:  # eval: pad to the ranks' common batch count
-            pieces.append(_Piece(len(pieces), (), batch, self.batches_per_epoch - batch))
-        return pieces
+    def global_order(self, epoch: int) -> np.ndarray:
+        """Training: the epoch's order of all N positions, blocks of lanes' stretches, each shuffled."""
+        n = self.split.num_samples
+        lanes = min(LANES, n)
+        bounds = [lane * n // lanes for lane in range(lanes + 1)]
+        stretch = math.ceil(self.block_samples / lanes)
+        longest = max(bounds[lane + 1] - bounds[lane] for lane in range(lanes))
+        blocks = []
+        for k in range(math.ceil(longest / stretch)):
+            members = np.concatenate([np.arange(bounds[lane] + k * stretch,
+                                                min(bounds[lane] + (k + 1) * stretch, bounds[lane + 1]))
+                                      for lane in range(lanes)])
+            blocks.append(members[np.random.default_rng([self.seed, epoch, k]).permutation(len(members))])
+        return np.concatenate(blocks)
+
+    def batches(self, epoch: int, start: int) -> list[np.ndarray]:
+        """This rank's batches from cursor `start`: each the positions of its rows (eval: an empty
+        array is a padding batch)."""
+        b, count = self.batch_size, self.num_batches(start)
+        if self.train:
+            m = self.samples_per_step
+            rows = self.global_order(epoch)[start:start + count * m].reshape(count, m)
+            rows = np.sort(rows, axis=1)[:, self.rank * b:(self.rank + 1) * b]  # (count, b)
+            return list(rows)
+        n, w, r = self.split.num_samples, self.world, self.rank
+        lo, hi = r * n // w, (r + 1) * n // w
+        return [np.arange(min(lo + j * b, hi), min(lo + (j + 1) * b, hi)) for j in range(count)]
 
 
 class _PieceReader(torch.utils.data.IterableDataset):
     """Runs in each DataLoader worker (or in the main process): its pieces, as batches."""
 
-    def __init__(self, plan: _Plan, epoch: int, start_batch: int, retry: Retry):
+    def __init__(self, plan: _Plan, epoch: int, start: int, first_batch: int, retry: Retry):
         super().__init__()
-        self.plan, self.epoch, self.start_batch, self.retry = plan, epoch, start_batch, retry
+        self.plan, self.epoch, self.start, self.first_batch, self.retry = plan, epoch, start, first_batch, retry
         self._store = None
 
     def __iter__(self) -> Iterator[list[tuple]]:
         """Lists of consecutive batches: a worker hands over up to _HANDOFF_BYTES at a time."""
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        pieces = self.plan.pieces(self.epoch)
-        mine = [p for p in pieces
-                if p.index % workers == worker and p.first_batch + p.num_batches > self.start_batch]
+        plan = self.plan
+        order = plan.shard_order(self.epoch)
+        self._starts = np.cumsum([0] + [plan.split.shards[i].count for i in order])
+        self._order = order
+        batches = plan.batches(self.epoch, self.start)
+        per_piece = plan.piece_samples // plan.batch_size
+        pieces = [range(p, min(p + per_piece, len(batches))) for p in range(0, len(batches), per_piece)]
+        mine = [range(max(p.start, self.first_batch), p.stop) for index, p in enumerate(pieces)
+                if index % workers == worker and p.stop > self.first_batch]  # (those handed out before: not read)
         with ThreadPoolExecutor(max_workers=1) as fetcher:  # fetch piece k + 1 while k is decoded
-            ahead = fetcher.submit(self._read, mine[0]) if mine else None
+            ahead = fetcher.submit(self._read, batches, mine[0]) if mine else None
             group, group_bytes = [], 0
             for k, piece in enumerate(mine):
                 samples = ahead.result()
-                ahead = fetcher.submit(self._read, mine[k + 1]) if k + 1 < len(mine) else None
-                for raw in self._batches(piece, samples, pieces):
+                ahead = fetcher.submit(self._read, batches, mine[k + 1]) if k + 1 < len(mine) else None
+                for raw in self._batches(piece, batches, samples):
                     group.append(raw)
                     group_bytes += raw[1].nbytes
                     if group_bytes >= _HANDOFF_BYTES or len(group) == _HANDOFF_BATCHES:
@@ -234,53 +266,66 @@ class _PieceReader(torch.utils.data.IterableDataset):
             self._store = open_store(self.plan.split.url)
         return self._store
 
-    def _read(self, piece: _Piece) -> list[_Sample]:
-        samples = []
-        for shard, start, stop in piece.segments:
-            samples += _read_segment(self.store, self.plan.split.shards[shard], start, stop, self.retry,
-                                     self.plan.verify)
-        if self.plan.train:
-            rng = np.random.default_rng([self.plan.seed, self.epoch, self.plan.rank, piece.index])
-            samples = [samples[i] for i in rng.permutation(len(samples))]
+    def _read(self, batches: list[np.ndarray], numbers: range) -> dict[int, _Sample]:
+        """The samples of these batches by position, one ranged read per run of them in a shard."""
+        positions = np.unique(np.concatenate([batches[j] for j in numbers] + [np.empty(0, np.int64)]))
+        if not len(positions):
+            return {}
+        where = np.searchsorted(self._starts, positions, side="right") - 1  # index into the epoch's shards
+        samples: dict[int, _Sample] = {}
+        runs: list[tuple[int, int, int, list[int]]] = []  # (k, first, stop, positions)
+        for pos, k in zip(positions.tolist(), where.tolist(), strict=True):
+            index, shard = pos - int(self._starts[k]), self.plan.split.shards[self._order[k]]
+            if runs and runs[-1][0] == k and shard.offsets[index] - shard.offsets[runs[-1][2]] < _GAP_BYTES \
+                    and shard.offsets[index + 1] - shard.offsets[runs[-1][1]] <= _RUN_BYTES:
+                runs[-1] = (k, runs[-1][1], index + 1, runs[-1][3] + [pos])
+            else:
+                runs.append((k, index, index + 1, [pos]))
+        for k, first, stop, wanted in runs:
+            base = int(self._starts[k])
+            got = _read_segment(self.store, self.plan.split.shards[self._order[k]], first, stop,
+                                [pos - base for pos in wanted], self.retry, self.plan.verify)
+            samples.update((pos, got[pos - base]) for pos in wanted)
         return samples
 
-    def _batches(self, piece: _Piece, samples: list[_Sample], pieces: list[_Piece]) -> Iterator[tuple]:
+    def _batches(self, piece: range, batches: list[np.ndarray], samples: dict[int, _Sample]) -> Iterator[tuple]:
         plan, res = self.plan, self.plan.split.resolution
         decoded: dict[int, np.ndarray | None] = {}
 
-        def image(i: int) -> np.ndarray | None:
-            if i not in decoded:
-                decoded[i] = _decode(samples[i], res)
-            return decoded[i]
+        def image(pos: int) -> np.ndarray | None:
+            if pos not in decoded:
+                decoded[pos] = _decode(samples[pos], res)
+            return decoded[pos]
 
-        def filler(i: int) -> tuple[_Sample, np.ndarray]:
-            """Training: the next readable sample after row i of the piece (cyclic), else of later pieces."""
-            for j in list(range(i + 1, len(samples))) + list(range(i)):
-                if image(j) is not None:
-                    return samples[j], decoded[j]
-            for other in pieces[piece.index + 1:] + pieces[:piece.index]:
-                for s in self._read(other):
-                    if (pixels := _decode(s, res)) is not None:
-                        return s, pixels
+        def filler(j: int, row: int) -> tuple[_Sample, np.ndarray]:
+            """Training: the next readable sample after this row of this rank's batches (the rest of
+            the batch, then the later batches, then the earlier ones): the same for any piece size."""
+            mine = batches[j].tolist()
+            for pos in mine[row + 1:] + mine[:row]:
+                if image(pos) is not None:
+                    return samples[pos], decoded[pos]
+            for other in list(range(j + 1, len(batches))) + list(range(j)):
+                if any(pos not in samples for pos in batches[other].tolist()):  # a batch of another piece
+                    samples.update(self._read(batches, range(other, other + 1)))
+                for pos in batches[other].tolist():
+                    if image(pos) is not None:
+                        return samples[pos], decoded[pos]
             raise StreamError(f"{plan.split.url}: no sample of this rank's share of the epoch can be read")
 
-        for b in range(piece.num_batches):
-            number = piece.first_batch + b
-            if number < self.start_batch:
-                continue
-            rows = range(b * plan.batch_size, min((b + 1) * plan.batch_size, len(samples)))
+        for number in piece:
+            rows = batches[number].tolist()
             size = plan.batch_size if plan.train else max(len(rows), 1)  # eval padding: one masked row
             labels = np.full(size, -1, dtype=np.int64)
             valid = np.zeros(size, dtype=bool)
             keys, skipped, rows_pixels = [""] * size, 0, [None] * size
-            for row, i in enumerate(rows):
-                sample, pixels = samples[i], image(i)
+            for row, pos in enumerate(rows):
+                sample, pixels = samples[pos], image(pos)
                 if pixels is None:
                     skipped += 1
                     if not plan.train:
                         keys[row] = sample.key
                         continue
-                    sample, pixels = filler(i)
+                    sample, pixels = filler(number, row)
                 rows_pixels[row] = pixels
                 labels[row] = _label(sample)
                 valid[row] = True
@@ -306,20 +351,42 @@ def default_piece_samples(resolution: int, batch_size: int) -> int:
     return max(1, samples // batch_size) * batch_size
 
 
+def default_block_samples(resolution: int) -> int:
+    """The shuffle block: about 256 MB of decoded pixels (at most 4096 samples); world-free."""
+    return default_piece_samples(resolution, 1)
+
+
+CURSOR_FIELDS = ("seed", "block_samples", "num_samples")
+"""What a cursor must share with the stream it is loaded into (the order depends on them)."""
+
+
+def legacy_cursor(states: list[dict]) -> dict:
+    """A cursor from the per-rank positions of checkpoints made before the cursor (same epoch and
+    batch on every rank): where it resumes is right, the order after it is the new one."""
+    first = states[0]
+    return {"epoch": int(first["epoch"]), "consumed": int(first["batch"]) * int(first["world"]) *
+            int(first["batch_size"]), "seed": first["seed"], "block_samples": None,
+            "num_samples": first["num_samples"], "split": first.get("split"),
+            "skipped": sum(int(s["skipped"]) for s in states)}
+
+
 class ShardStream:
-    """One rank's batches from a split, with a resumable position.
+    """One rank's batches from a split, with a resumable, world-free position.
 
     `iter(stream)` yields the rest of the current epoch and then moves to the
     next epoch; `forever()` chains epochs. `state_dict()` after a batch was
-    handed out says that batch was consumed: save it with the checkpoint of
-    the step that used the batch. Every sample is checked against its
-    digest in the manifest; `verify=False` skips that (only to measure its
-    cost: damaged bytes would then train).
+    handed out says that batch was consumed (by every rank: it is the
+    global cursor): save it with the checkpoint of the step that used the
+    batch, and load it into the stream of any rank of any world size and
+    batch size. Every sample is checked against its digest in the
+    manifest; `verify=False` skips that (only to measure its cost: damaged
+    bytes would then train).
     """
 
     def __init__(self, url: str, batch_size: int, *, rank: int = 0, world: int = 1, seed: int = 0,
                  train: bool = True, workers: int = 0, piece_samples: int | None = None,
-                 pin_memory: bool = False, prefetch: int = 2, retry: Retry | None = None, verify: bool = True):
+                 block_samples: int | None = None, pin_memory: bool = False, prefetch: int = 2,
+                 retry: Retry | None = None, verify: bool = True):
         if batch_size <= 0:
             raise StreamError(f"batch_size={batch_size} must be positive")
         if not 0 <= rank < world:
@@ -330,38 +397,46 @@ class ShardStream:
         piece = piece_samples or default_piece_samples(split.resolution, batch_size)
         if piece % batch_size:
             raise StreamError(f"piece_samples={piece} must be a multiple of batch_size={batch_size}")
+        block = block_samples or default_block_samples(split.resolution)
+        if block <= 0:
+            raise StreamError(f"block_samples={block} must be positive")
         self.split = split
-        self.plan = _Plan(split, batch_size, rank, world, seed, train, piece, verify)
+        self.plan = _Plan(split, batch_size, rank, world, seed, train, piece, block, verify)
         self.workers, self.pin_memory, self.prefetch = workers, pin_memory, prefetch
         self.retry = retry or Retry()
-        self.epoch, self.batch = 0, 0
+        self.epoch, self.start, self.batch = 0, 0, 0
+        """The epoch; the cursor this stream's part of it started at; its batches handed out since."""
         self.skipped = 0
         """Unreadable samples met so far by this rank (also counted per batch)."""
 
     @property
     def batches_per_epoch(self) -> int:
-        return self.plan.batches_per_epoch
+        """This rank's batches in a whole epoch."""
+        return self.plan.num_batches(0)
 
     def state_dict(self) -> dict:
+        """The cursor (world-free); `skipped` is this rank's count (a checkpoint stores the sum)."""
         p = self.plan
-        return {"epoch": self.epoch, "batch": self.batch, "seed": p.seed, "rank": p.rank, "world": p.world,
-                "batch_size": p.batch_size, "piece_samples": p.piece_samples, "skipped": self.skipped,
-                "split": p.split.url.rsplit("/", 1)[-1], "num_samples": p.split.num_samples}
+        return {"epoch": self.epoch, "consumed": self.start + self.batch * p.samples_per_step, "seed": p.seed,
+                "block_samples": p.block_samples, "num_samples": p.split.num_samples,
+                "split": p.split.url.rsplit("/", 1)[-1], "skipped": self.skipped}
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue from a cursor; rank 0 takes over its count of unreadable samples."""
         p = self.plan
-        mine = {"seed": p.seed, "world": p.world, "batch_size": p.batch_size, "piece_samples": p.piece_samples,
-                "num_samples": p.split.num_samples}
-        changed = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
+        mine = {"seed": p.seed, "block_samples": p.block_samples, "num_samples": p.split.num_samples}
+        changed = {k: (state.get(k), v) for k, v in mine.items()
+                   if state.get(k) != v and not (k == "block_samples" and state.get(k) is None)}
         if changed:
             raise StreamError("the saved stream position was made with other settings, so it would not "
                               "resume exactly: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
-        self.epoch, self.batch, self.skipped = int(state["epoch"]), int(state["batch"]), int(state["skipped"])
+        self.epoch, self.start, self.batch = int(state["epoch"]), int(state["consumed"]), 0
+        self.skipped = int(state["skipped"]) if p.rank == 0 else 0
 
     def __iter__(self) -> Iterator[Batch]:
-        if self.batch >= self.batches_per_epoch:
-            self.epoch, self.batch = self.epoch + 1, 0
-        reader = _PieceReader(self.plan, self.epoch, self.batch, self.retry)
+        if self.batch >= self.plan.num_batches(self.start):
+            self.epoch, self.start, self.batch = self.epoch + 1, 0, 0
+        reader = _PieceReader(self.plan, self.epoch, self.start, self.batch, self.retry)
         if self.workers == 0:
             source = iter(reader)
         else:
@@ -379,9 +454,10 @@ class ShardStream:
                 self.batch += 1
                 self.skipped += skipped
                 yield batch.pin_memory() if self.pin_memory else batch
-        if self.batch != self.batches_per_epoch:  # a bug, never bad data: refuse to desynchronise ranks
-            raise RuntimeError(f"stream ended epoch {self.epoch} at batch {self.batch} of {self.batches_per_epoch}")
-        self.epoch, self.batch = self.epoch + 1, 0
+        expected = self.plan.num_batches(self.start)
+        if self.batch != expected:  # a bug, never bad data: refuse to desynchronise ranks
+            raise RuntimeError(f"stream ended epoch {self.epoch} at batch {self.batch} of {expected}")
+        self.epoch, self.start, self.batch = self.epoch + 1, 0, 0
 
     def forever(self) -> Iterator[Batch]:
         while True:

@@ -30,6 +30,7 @@ from .engine import build_engine, device_of_this_rank
 from .evaluate import evaluate, sample_grids, samples_per_grid_row
 from .images import save_png
 from .health import STUCK_EXIT_CODE, Alarms, Stuck
+from .init import start_from
 from .latents import LatentUsage, RateWindow
 from .metrics import Metrics, memory_gb, reduce_by_name
 from .provenance import record_start, start_record
@@ -120,7 +121,8 @@ class Trainer:
         self.checkpointer = Checkpointer(config, self.engine, self.ema, self.stream, self.rank, self.world)
         torch.manual_seed(config.seed * 1000 + self.rank)  # each rank's own latent noise
         resumed = self.checkpointer.resume()  # (restores the RNG states of the run it continues)
-        self.step = resumed.step if resumed else 0
+        # else a new run, perhaps from weights or continuing an official run (init=, init_official=)
+        self.step = resumed.step if resumed else start_from(config, self.engine, self.ema, self.rank)
         self.counters = resumed.counters if resumed else {"skipped_updates": 0, "nan_losses": 0}
         self.metrics = Metrics(config.run_dir, self.rank, resume_step=self.step if resumed else None)
         if resumed is None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pickle
+import zipfile
 from pathlib import Path
 
 import torch
@@ -41,13 +42,17 @@ class UnsafeFileError(ValueError):
     """A file that `torch.load(weights_only=True)` refuses: it would run code, or is not a torch file."""
 
 
-def safe_load(path: str | os.PathLike, allowed: list | tuple = (), map_location="cpu"):
+def safe_load(path: str | os.PathLike, allowed: list | tuple = (), map_location="cpu", mmap: bool = False):
     """`torch.load` that cannot run code: tensors, plain containers and the `allowed` classes only.
 
-    A file that does not load that way raises UnsafeFileError naming it and why.
+    `mmap`: map the file's tensors rather than read them (a file of the zip format torch has written
+    since 1.6; others are read whole): only what is used is read. A file that does not load that
+    way raises UnsafeFileError naming it and why.
     """
     try:
         with torch.serialization.safe_globals(list(allowed)):
+            if mmap and zipfile.is_zipfile(path):
+                return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
             return torch.load(path, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as err:
         why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

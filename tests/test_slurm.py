@@ -188,6 +188,8 @@ def training_rank_pid(run: Path, rank: int) -> int | None:
 
 
 def test_a_dead_task_takes_the_job_down_and_a_resubmission_resumes(slurm, env, s3_server, bucket, tmp_path):
+    """ZeRO-3 on 2 nodes, a task killed; resubmitted on 1 node (the global batch kept), the run folder
+    resumes on the other world size."""
     data = tmp_path / "data"
     src = gradient_photos(tmp_path / "photos")
     vdvae(env, tmp_path, "prep", "folder", "--src", str(src), "--out", str(data),
@@ -197,7 +199,7 @@ def test_a_dead_task_takes_the_job_down_and_a_resubmission_resumes(slurm, env, s
     model_json.write_text(json.dumps(asdict(TINY)))
     settings = ["--preset", "cifar10", "--data", str(data), "--run-dir", str(run), "--nodes", "2",
                 "--gpus-per-node", "0", f"model_json={model_json}", "batch_per_gpu=4", "workers=0", "log_every=1",
-                "zero_stage=2", "max_steps=300", "checkpoint_every=50", "eval_every=300"]
+                "zero_stage=3", "max_steps=300", "checkpoint_every=50", "eval_every=300"]
     first = job_id(vdvae(env, tmp_path, "submit", "train", *settings))
     deadline = time.time() + 300
     while max(log_steps(run), default=0) < 60:
@@ -214,13 +216,17 @@ def test_a_dead_task_takes_the_job_down_and_a_resubmission_resumes(slurm, env, s
     saved = int((run / "checkpoints" / "latest").read_text().removeprefix("global_step"))
     assert saved >= 50 and saved % 50 == 0
 
-    second = job_id(vdvae(env, tmp_path, "submit", "train", *settings))
+    one_node = [*settings, "batch_per_gpu=8"]
+    one_node[one_node.index("--nodes") + 1] = "1"
+    second = job_id(vdvae(env, tmp_path, "submit", "train", *one_node))
     info = slurm.wait(second, ("COMPLETED", "FAILED", "CANCELLED"), 300)
     log = (run / f"slurm-{second}.out").read_text()
     assert info["JobState"] == "COMPLETED", log[-3000:]
+    assert f"global_step{saved}: written by 2 ranks, re-partitioned for 1" in log, log[-3000:]
     assert f"resumed from {run}/checkpoints/global_step{saved}" in log
     assert max(log_steps(run)) == 300
-    print(f"\na killed task took the job down in {down:.1f} s; the resubmitted job resumed at step {saved}")
+    print(f"\na killed task took the job down in {down:.1f} s; the job resubmitted on 1 node resumed at step "
+          f"{saved}")
 
 
 def test_prep_as_an_array_job_then_finalize_through_submit(slurm, env, s3_server, bucket, tmp_path):

@@ -121,8 +121,52 @@ def test_resume_is_exact(local_split, workers_after):
         tail = [b for _, b in zip(range(len(full) - stop), resumed.forever(), strict=False)]
         assert keys(head + tail) == keys(full), stop
         assert all(torch.equal(x.images, y.images) for x, y in zip(head + tail, full, strict=True))
-    with pytest.raises(StreamError, match="batch_size 4 -> 2"):
-        ShardStream(url, 2, seed=7, piece_samples=8).load_state_dict(state)
+    with pytest.raises(StreamError, match="seed 7 -> 8"):  # (another batch or world size is allowed)
+        ShardStream(url, 4, seed=8, piece_samples=8).load_state_dict(state)
+
+
+def _global_steps(url: str, world: int, batch: int, steps: int, state: dict | None = None,
+                  workers: int = 0) -> tuple[list[list[str]], dict]:
+    """`steps` micro-batches of `world` ranks together: each step's keys in rank order; the cursor after."""
+    streams = [ShardStream(url, batch, rank=r, world=world, seed=3, workers=workers, piece_samples=batch * 2)
+               for r in range(world)]
+    for stream in streams:
+        if state is not None:
+            stream.load_state_dict(state)
+    batches = [stream.forever() for stream in streams]
+    got = [[k for it in batches for k in next(it).keys] for _ in range(steps)]
+    cursors = [stream.state_dict() for stream in streams]
+    assert all({k: v for k, v in c.items() if k != "skipped"} == {k: v for k, v in cursors[0].items()
+                                                                  if k != "skipped"} for c in cursors)
+    return got, dict(cursors[0], skipped=sum(c["skipped"] for c in cursors))
+
+
+def test_the_order_is_global_and_a_cursor_resumes_on_other_world_sizes(tmp_path):
+    """60 samples, 9 shards. A cursor carries a job's position to any world and batch size: with the
+    global batch kept, the very same global batches; with another, every sample left in the epoch
+    exactly once, then the same next epoch."""
+    url = make_split(tmp_path, str(tmp_path / "out")) + "/train"
+    reference, _ = _global_steps(url, 1, 8, 21)  # 7 global batches of 8 an epoch, 4 samples left over
+    first, cursor = _global_steps(url, 2, 4, 3)
+    assert json.loads(json.dumps(cursor)) == cursor and cursor["consumed"] == 24 and "world" not in cursor
+    second, cursor = _global_steps(url, 1, 8, 5, cursor, workers=2)  # into epoch 1
+    third, _ = _global_steps(url, 4, 2, 13, cursor)
+    assert [sorted(b) for b in first + second + third] == [sorted(b) for b in reference]
+    assert first[0] != sorted(first[0])  # ranks take different stretches of a global batch
+    # the global batch halved after 3 steps: the 36 samples left of epoch 0, each once, then epoch 1
+    _, cursor = _global_steps(url, 2, 4, 3)
+    halved, _ = _global_steps(url, 2, 2, 9 + 15, cursor)
+    before = {k for b in first for k in b}
+    after = [k for b in halved[:9] for k in b]
+    assert len(after) == len(set(after)) == 36 and len(before | set(after)) == 60
+    epoch1 = sorted(k for b in reference[7:14] for k in b)
+    assert sorted(k for b in halved[9:9 + 14] for k in b) == epoch1  # 14 batches of 4 = 56: the same 56
+    # doubled, on 3 ranks: the 36 left (3 global batches of 12), then epoch 1, whole (5 of 12)
+    doubled, _ = _global_steps(url, 3, 4, 3 + 5, cursor)
+    after = [k for b in doubled[:3] for k in b]
+    assert len(after) == len(set(after)) == 36 and len(before | set(after)) == 60
+    epoch1 = [k for b in doubled[3:] for k in b]
+    assert len(epoch1) == len(set(epoch1)) == 60
 
 
 def test_eval_covers_every_sample_once_with_a_correct_mean(local_split):

@@ -244,14 +244,15 @@ def test_started_by_mpirun(data, tmp_path, free_port):
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert sorted(losses(run)) == [1, 2]
-    assert len(torch_load_streams(run / "checkpoints" / "global_step2")) == 2  # two ranks saved positions
+    states = torch_load_states(run / "checkpoints" / "global_step2")
+    assert states["world"] == 2 and states["stream"]["consumed"] == 2 * 2 * 4  # two ranks' batches of 4, twice
 
 
-def torch_load_streams(folder: Path) -> list:
+def torch_load_states(folder: Path) -> dict:
     import torch
 
     states = torch.load(folder / "mp_rank_00_model_states.pt", weights_only=False)
-    return states["streams"]
+    return states
 
 
 @pytest.mark.parametrize("settings", [("zero_stage=2", "grad_accum=2"), ("zero_stage=2", "precision=bf16"),
