@@ -64,6 +64,8 @@ from .zero_state import MOMENTS, AdamState, load_adam_state, load_whole_ema
 
 LATEST = "latest"
 TAG_PREFIX = "global_step"
+UPLOAD_NICENESS = 10
+"""The mirror's upload threads' nice value: they yield the CPU to the training loop."""
 UPLOADED = "uploaded"
 """The mirror's folder of per-rank "all my files are up" markers, one folder per checkpoint tag."""
 SAFE_DEEPSPEED_GLOBALS = [fragment_address, LossScaler, DynamicLossScaler, ZeroStageEnum]
@@ -311,6 +313,10 @@ class Mirror:
         return True
 
     def _upload(self, tag: str, files: list[Path]) -> None:
+        try:  # below the training in the CPU's queue (Linux: per thread, inherited by the transfer threads)
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), UPLOAD_NICENESS)
+        except (OSError, AttributeError):
+            pass
         try:
             markers = open_store(f"{self.url}/{UPLOADED}/{tag}")
             marker = f"rank{self.rank:05d}"

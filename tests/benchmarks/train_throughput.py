@@ -178,7 +178,7 @@ def mirror_worker(args) -> None:
 
     class Position:  # the data stream's part of the checkpoint (not what is measured here)
         def state_dict(self) -> dict:
-            return {}
+            return {"skipped": 0}
 
     checkpointer = Checkpointer(config, engine, ema, Position(), rank, world)
     size = config.model_config().image_size
