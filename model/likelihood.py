@@ -98,15 +98,26 @@ def gaussian_log_prob_sum(z: torch.Tensor, mu: torch.Tensor, logsigma: torch.Ten
         return (-0.5 * scaled * scaled - logsigma - _LOG_SQRT_2PI).sum(dim=(1, 2, 3))
 
 
-def _standard_normal(like: torch.Tensor, generator: Generators) -> torch.Tensor:
-    """Noise shaped like `like`, drawn in logical (N, C, H, W) order; with a sequence of
-    generators, row i from generator i alone."""
+def standard_normal(shape: Sequence[int], device: torch.device, generator: Generators = None) -> torch.Tensor:
+    """fp32 noise of `shape` (N, ...), drawn in logical order as the official code draws it;
+    with a sequence of generators, row i from generator i alone."""
     if generator is None or isinstance(generator, torch.Generator):
-        return torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
-    if len(generator) != like.shape[0]:
-        raise ValueError(f"{len(generator)} generators for {like.shape[0]} rows: one per row")
-    return torch.stack([torch.randn(like.shape[1:], generator=g, device=like.device, dtype=like.dtype)
-                        for g in generator])
+        return torch.randn(tuple(shape), generator=generator, device=device)
+    if len(generator) != shape[0]:
+        raise ValueError(f"{len(generator)} generators for {shape[0]} rows: one per row")
+    return torch.stack([torch.randn(tuple(shape[1:]), generator=g, device=device) for g in generator])
+
+
+def reparameterise(mu: torch.Tensor, logsigma: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """The sample `mu + e^logsigma * eps` of given noise, in fp32 (d z / d logsigma = z - mu).
+
+    Deterministic given eps: the draw (`standard_normal`) stays outside, so
+    that compiled and eager code consume the random stream alike.
+    """
+    with _no_autocast(mu.device.type):
+        mu, logsigma = _fp32(mu, logsigma)
+        # eps laid out like mu (channels last), so the arithmetic stays in one layout
+        return _Reparameterise.apply(mu, logsigma, torch.empty_like(mu).copy_(eps))
 
 
 def sample_gaussian(mu: torch.Tensor, logsigma: torch.Tensor, generator: Generators = None) -> torch.Tensor:
@@ -114,12 +125,7 @@ def sample_gaussian(mu: torch.Tensor, logsigma: torch.Tensor, generator: Generat
 
     generator: None (the global stream), one generator, or one per row of mu.
     """
-    with _no_autocast(mu.device.type):
-        mu, logsigma = _fp32(mu, logsigma)
-        # Drawn in logical (N, C, H, W) order, as the official code draws it,
-        # then laid out like mu (channels last) so the arithmetic stays in one layout.
-        eps = torch.empty_like(mu).copy_(_standard_normal(mu, generator))
-        return _Reparameterise.apply(mu, logsigma, eps)
+    return reparameterise(mu, logsigma, standard_normal(mu.shape, mu.device, generator))
 
 
 def _split_dmol(params: torch.Tensor, num_channels: int = 3):
@@ -130,12 +136,10 @@ def _split_dmol(params: torch.Tensor, num_channels: int = 3):
     """
     n, h, w, c = params.shape
     num_mix = c // (3 * num_channels + 1)
-    logits = params[..., :num_mix]
-    rest = params[..., num_mix:].reshape(n, h, w, num_channels, 3 * num_mix)
-    means = rest[..., :num_mix]
-    log_scales = rest[..., num_mix:2 * num_mix].clamp(min=-7.0)
-    coeffs = torch.tanh(rest[..., 2 * num_mix:3 * num_mix])
-    return logits, means, log_scales, coeffs
+    # splits, not slices: a split's backward is one concatenation (a slice's: a zero-filled copy each)
+    logits, rest = params.split([num_mix, c - num_mix], dim=-1)
+    means, log_scales, coeffs = rest.reshape(n, h, w, num_channels, 3 * num_mix).split(num_mix, dim=-1)
+    return logits, means, log_scales.clamp(min=-7.0), torch.tanh(coeffs)
 
 
 def dmol_nll(params: torch.Tensor, target: torch.Tensor, bits: int = 8) -> torch.Tensor:
@@ -156,12 +160,12 @@ def dmol_neg_log_prob(params: torch.Tensor, target: torch.Tensor, bits: int) -> 
         params, target = _fp32(params, target)
         logits, means, log_scales, coeffs = _split_dmol(params, target.shape[-1])
         x = target.unsqueeze(-1)  # (N, H, W, 3, 1)
-        # Each sub-pixel's mean depends linearly on the preceding sub-pixels.
-        means = torch.stack([
-            means[..., 0, :],
-            means[..., 1, :] + coeffs[..., 0, :] * x[..., 0, :],
-            means[..., 2, :] + coeffs[..., 1, :] * x[..., 0, :] + coeffs[..., 2, :] * x[..., 1, :],
-        ], dim=3)
+        # Each sub-pixel's mean depends linearly on the preceding sub-pixels
+        # (unbind, not indexing: one stacked gradient instead of a zero-filled one per index).
+        m0, m1, m2 = means.unbind(3)
+        c0, c1, c2 = coeffs.unbind(3)
+        x0, x1, _ = x.unbind(3)
+        means = torch.stack([m0, m1 + c0 * x0, m2 + c1 * x0 + c2 * x1], dim=3)
         half_bin = 1.0 / 31.0 if bits == 5 else 1.0 / 255.0
         half_levels = 15.5 if bits == 5 else 127.5
         centered = x - means

@@ -6,6 +6,10 @@ the same ELBO on the same weights and latent noise. What differs is how it
 runs (each measured in tests/benchmarks/RESULTS.md):
 - one activation layout (channels last) and one activation dtype, so that
   no add or concat falls off its fast path;
+- every 1x1 conv as one matmul (`addmm`, bias fused) over the pixel rows of
+  that layout, at the GEMM's speed instead of a 1x1 convolution's;
+- splits instead of slices of one output (the prior's, the DMoL's), whose
+  backward writes one gradient instead of a zero-filled one per slice;
 - the posterior's first 1x1 conv split by input channels, so that
   gelu(encoder activations) is computed once per resolution and gelu(x)
   once per block (shared with the prior), with no concatenated copy;
@@ -15,7 +19,9 @@ runs (each measured in tests/benchmarks/RESULTS.md):
 - the sampled log-densities of posterior draws (`log_densities`, `log_weights`)
   besides the analytic KL, for the importance-weighted bound;
 - optional activation checkpointing per block, and an output head evaluated
-  in bands of rows, so that 1024 px trains in a few GB.
+  in bands of rows, so that 1024 px trains in a few GB;
+- the decoder's noise drawn before each block's step, so that the blocks can
+  be compiled (`VDVAE.compile_blocks`) without changing the random stream.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .likelihood import (Generators, dmol_neg_log_prob, dmol_sample, gaussian_kl_sum, gaussian_log_prob_sum,
-                         sample_gaussian, to_uint8)
+                         reparameterise, sample_gaussian, standard_normal, to_uint8)
 from .presets import ModelConfig
 
 Temperature = float | list[float] | tuple[float, ...] | None
@@ -41,9 +47,30 @@ _CHECKPOINT_GROUP = 3
 # Pixels per band of the likelihood (see VDVAE._neg_log_prob): 64 rows at 1024 px.
 _LIKELIHOOD_BAND_PIXELS = 2**16
 
+CompileOptions = tuple[tuple[str, object], ...]
+"""torch.compile keyword arguments as sorted (name, value) pairs: a block's compile setting."""
+
+_COMPILED: dict[tuple[object, str], object] = {}
+
+
+def _maybe_compiled(fn, options: CompileOptions | None):
+    """`fn`, or torch.compile(fn, **options): one compiled function per (fn, options) in a process.
+
+    The compiled function takes the module as an argument, so blocks of one
+    kind share its graphs (their parameters are graph inputs), and a copy
+    of a module (deepcopy, an EMA) calls it with its own parameters.
+    """
+    if options is None:
+        return fn
+    key = (fn, repr(options))
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(fn, **dict(options))
+    return _COMPILED[key]
+
 
 def _conv(in_ch: int, out_ch: int, kernel: int, zero_weights: bool = False,
-          cls: type[nn.Conv2d] = nn.Conv2d) -> nn.Conv2d:
+          cls: type[nn.Conv2d] | None = None) -> nn.Conv2d:
+    cls = cls or (_Conv1x1 if kernel == 1 else nn.Conv2d)
     conv = cls(in_ch, out_ch, kernel, padding=kernel // 2)
     nn.init.zeros_(conv.bias)
     if zero_weights:
@@ -51,20 +78,51 @@ def _conv(in_ch: int, out_ch: int, kernel: int, zero_weights: bool = False,
     return conv
 
 
-class _SplitInputConv(nn.Conv2d):
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) -> its (N*H*W, C) pixel rows: a view of channels-last storage."""
+    return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+
+
+def _from_rows(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(N*H*W, C') pixel rows -> (N, C', H, W) in channels-last storage, no copy."""
+    n, _, h, w = like.shape
+    return rows.view(n, h, w, rows.shape[1]).permute(0, 3, 1, 2)
+
+
+class _Conv1x1(nn.Conv2d):
+    """A 1x1 conv computed as one matmul over the pixel rows of channels-last activations.
+
+    In NHWC storage a 1x1 conv is `rows @ W.T + b` on the (N*H*W, C) view:
+    as `addmm` it runs at the GEMM's speed (bf16: about twice a 1x1 oneDNN
+    convolution here) with the bias fused, and the weight gradient is a plain
+    (out, in) matrix, never relaid. Same parameters as the official nn.Conv2d.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _from_rows(F.linear(_rows(x), self.weight.flatten(1), self.bias), x)
+
+
+class _SplitInputConv(_Conv1x1):
     """A 1x1 conv over the channel concatenation [a, b], computed without building it.
 
-    Same parameters as the official conv on `cat([a, b])`; the two halves
-    of the weight are applied separately and summed.
+    Same parameters as the official conv on `cat([a, b])`: the b half of the
+    weight and the bias in one matmul, the a half accumulated into it by
+    `addmm` (no separate add).
     """
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        split = a.shape[1]
-        return F.conv2d(a, self.weight[:, :split]) + F.conv2d(b, self.weight[:, split:], self.bias)
+        # split, not slices: the backward of split is one concatenation, that of a
+        # slice a zero-filled full-size gradient per slice, then their sum
+        weight_a, weight_b = self.weight.flatten(1).split([a.shape[1], b.shape[1]], dim=1)
+        out = torch.addmm(F.linear(_rows(b), weight_b, self.bias), _rows(a), weight_a.t())
+        return _from_rows(out, a)
 
 
 class Block(nn.Module):
     """Bottleneck residual block: GELU -> 1x1 -> 3x3 -> 3x3 -> 1x1 (1x1s instead of 3x3s at 1-2 px)."""
+
+    compile_options: CompileOptions | None = None
+    """Set by `VDVAE.compile_blocks`: run `_forward` compiled."""
 
     def __init__(self, in_ch: int, mid_ch: int, out_ch: int, *, residual: bool,
                  use_3x3: bool, down_rate: int | None = None, zero_last: bool = False,
@@ -73,7 +131,7 @@ class Block(nn.Module):
         self.residual = residual
         self.down_rate = down_rate
         k = 3 if use_3x3 else 1
-        self.c1 = _conv(in_ch, mid_ch, 1, cls=_SplitInputConv if split_input else nn.Conv2d)
+        self.c1 = _conv(in_ch, mid_ch, 1, cls=_SplitInputConv if split_input else None)
         self.c2 = _conv(mid_ch, mid_ch, k)
         self.c3 = _conv(mid_ch, mid_ch, k)
         self.c4 = _conv(mid_ch, out_ch, 1, zero_weights=zero_last)
@@ -85,6 +143,9 @@ class Block(nn.Module):
         return self.c4(F.gelu(h))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _maybe_compiled(Block._forward, self.compile_options)(self, x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.tail(self.c1(F.gelu(x)))
         out = x + h if self.residual else h
         if self.down_rate is not None:
@@ -179,6 +240,9 @@ class Encoder(nn.Module):
 class DecBlock(nn.Module):
     """One top-down block: posterior q(z|x, acts), prior p(z|x), latent injection, residual block."""
 
+    compile_options: CompileOptions | None = None
+    """Set by `VDVAE.compile_blocks`: run `_posterior_step` compiled."""
+
     def __init__(self, cfg: ModelConfig, res: int, mixin: int | None, num_blocks: int):
         super().__init__()
         self.res = res
@@ -207,11 +271,15 @@ class DecBlock(nn.Module):
     def _split_prior(self, feats: torch.Tensor, x: torch.Tensor):
         """Prior output -> (mean, log-std, x + the residual part).
 
-        mean and log-std as their own tensors: the KL keeps them for the
-        backward, and views would keep all of feats (2*zdim + width channels).
+        mean and log-std as fp32 tensors of their own (the KL's dtype, one
+        copy in any dtype): the KL keeps them for the backward, and views would
+        keep all of feats (2*zdim + width channels). A split, not slices: its
+        backward writes the gradient of feats once (slices: a zero-filled copy
+        of feats each, then their sum).
         """
         k = self.zdim
-        return feats[:, :k].clone(), feats[:, k:2 * k].clone(), x + feats[:, 2 * k:]
+        mean, log_std, residual = feats.split([k, k, feats.shape[1] - 2 * k], dim=1)
+        return mean.to(torch.float32, copy=True), log_std.to(torch.float32, copy=True), x + residual
 
     def _inject(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         return self.resnet(x + self.z_proj(z.to(x.dtype)))
@@ -228,8 +296,15 @@ class DecBlock(nn.Module):
         resolution (a checkpointed block computes its own instead, so that
         it is not stored).
         """
+        # The noise is drawn first, eagerly: nothing random happens between here and the
+        # official draw after the posterior, and a compiled step draws no random numbers.
+        eps = standard_normal((acts.shape[0], self.zdim, self.res, self.res), acts.device)
+        return _maybe_compiled(DecBlock._posterior_step, self.compile_options)(
+            self, x, lowres, acts, acts_activated, eps)
+
+    def _posterior_step(self, x, lowres, acts, acts_activated, eps):
         x, qm, qv, pm, pv = self._posterior_and_prior(x, lowres, acts, acts_activated)
-        z = sample_gaussian(qm, qv)
+        z = reparameterise(qm, qv, eps)
         kl = gaussian_kl_sum(qm, pm, qv, pv)
         return self._inject(x, z), kl, z
 
@@ -411,6 +486,8 @@ class VDVAE(nn.Module):
     `sample` and `sample_from_latents` return uint8 images (N, H, W, 3).
     """
 
+    _head_compile_options: CompileOptions | None = None
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
@@ -499,6 +576,9 @@ class VDVAE(nn.Module):
         return self.log_densities(images, 1, generator).log_weight[:, 0]
 
     def _head_neg_log_prob(self, h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return _maybe_compiled(VDVAE._head_neg_log_prob_eager, self._head_compile_options)(self, h, target)
+
+    def _head_neg_log_prob_eager(self, h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return dmol_neg_log_prob(self.decoder.out_net(h), target, self.config.bits)
 
     def _neg_log_prob(self, h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -560,6 +640,41 @@ class VDVAE(nn.Module):
         params = self.decoder.sample(images.shape[0], self._temperatures(temperature), acts,
                                      num_posterior=num_groups, generator=generator)
         return to_uint8(dmol_sample(params, generator))
+
+    # -- compilation ---------------------------------------------------------------------
+
+    def compile_blocks(self, **options) -> None:
+        """Compile the blocks' arithmetic with `torch.compile(**options)`, in place.
+
+        Compiled: each encoder block's forward, each decoder block's posterior
+        step (posterior, prior, KL, reparameterisation, latent injection,
+        residual block) and the output head with its likelihood. The decoder's
+        noise is drawn eagerly before each step, so a compiled model consumes
+        the random stream as an eager one does: same seed, same z, and the
+        loss and gradients agree with eager ones to float rounding. Blocks of
+        one kind (resolution, width, role) share compiled graphs; each kind is
+        compiled on first use (the first step is slow), static shapes unless
+        `dynamic` is passed. Parameters, their names and `state_dict()` are
+        untouched; a deepcopy is compiled too. Works with activation
+        checkpointing, reentrant or not (the reentrant no-grad forward is a
+        second graph per kind). Raises dynamo's per-function recompile limit
+        to the number of graphs this model needs, if it is lower.
+
+        ZeRO-3: runs, and gives the same results, but gains little: DeepSpeed's
+        per-module parameter hooks are `torch.compiler.disable`d, so every
+        submodule call inside a compiled step is a graph break (each conv and
+        the elementwise work between two of them compile apart). Compile there
+        with DeepSpeed's own means instead, or use ZeRO stage 1-2.
+        """
+        setting = tuple(sorted({"dynamic": False, **options}.items()))
+        kinds = [{(b.res, b.c2.kernel_size, b.down_rate) for b in self.encoder.enc_blocks},
+                 {(b.res, b.mixin, i == 0 or b.res != self.decoder.dec_blocks[i - 1].res)
+                  for i, b in enumerate(self.decoder.dec_blocks)}]
+        needed = 2 * max(len(k) for k in kinds) + 2  # grad and no-grad graphs per kind
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, needed)
+        for block in [*self.encoder.enc_blocks, *self.decoder.dec_blocks]:
+            block.compile_options = setting
+        self._head_compile_options = setting
 
     # -- memory ------------------------------------------------------------------------
 

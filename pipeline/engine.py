@@ -25,6 +25,8 @@ def build_engine(config: RunConfig, world: int, device: torch.device):
     torch.manual_seed(config.seed)
     model = VDVAE(config.model_config())
     model.set_activation_checkpointing(config.activation_checkpointing, use_reentrant=config.zero_stage == 3)
+    if config.compile:  # (ZeRO 0-2: the config refuses stage 3, where DeepSpeed's hooks break every graph)
+        model.compile_blocks()
     ds = config.deepspeed_config(world, on_gpu=device.type == "cuda")
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
     share_fp32_master(engine)
