@@ -5,25 +5,16 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 
-from conftest import TINY, gradient_photos
-from data_prep.prep import prep
+import test_train
+from test_train import launch, losses
+
+data = test_train.data  # the fixture: the tiny model's prepared dataset
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("gpu-ready-data")
-    prep("folder", gradient_photos(tmp / "src"), str(tmp / "data"), samples_per_shard=16, resolution=8,
-         num_valid=8, progress=False)
-    model_json = tmp / "tiny.json"
-    model_json.write_text(json.dumps(asdict(TINY)))
-    return {"data": str(tmp / "data"), "model_json": str(model_json)}
 
 
 def _env(rank: int, world: int, port: int) -> dict:
@@ -116,8 +107,6 @@ def test_gpu_deepspeed_json_selects_torch_fused_adamw_and_builds_no_op(data, tmp
 
 def test_compile_true_trains_like_eager(data, tmp_path, free_port):
     """`compile=true` (inductor on CPU) at ZeRO-2: the same per-step losses as eager, within float rounding."""
-    from test_train import launch, losses
-
     launch(data, tmp_path / "eager", free_port, "zero_stage=2", "max_steps=3", world=1)
     launch(data, tmp_path / "compiled", free_port, "zero_stage=2", "max_steps=3", "compile=true", world=1)
     eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
