@@ -30,12 +30,13 @@ number of ranks:
 
 A rank reads its batches in pieces of `piece_samples` of its own samples (a
 whole number of batches, about 256 MB decoded); a piece's samples are
-fetched with one ranged read per run of them in a shard, runs less than
-`_GAP_BYTES` apart read as one. DataLoader worker w reads pieces w, w + W,
-...; the batches are put back in order in the main process, so W changes
-nothing. On many ranks a rank of small images so reads about `world` times
-the bytes it keeps (a few MB/s a rank at 32 px), one of large images one
-read a sample.
+fetched with one ranged read per run of them in a shard; a run reads
+through the gap to the next sample when the gap is small (64 KiB) or its
+gaps in all stay within the bytes it keeps (and each under 1 MB): whatever
+the world size (with many ranks their samples interleave in the shards), a
+rank reads at most twice the bytes it keeps, plus 64 KiB a read saved. DataLoader worker w
+reads pieces w, w + W, ...; the batches are put back in order in the main
+process, so W changes nothing.
 
 The state is a world-free cursor (epoch, samples consumed, seed, block
 size): restoring it yields exactly the batches, keys included, that would
@@ -70,10 +71,19 @@ from data_prep.storage import Retry, open_store
 _DECODED_PIECE_BYTES = 256 << 20  # default piece: about this much decoded pixel data
 _MAX_PIECE_SAMPLES = 4096
 _HANDOFF_BYTES, _HANDOFF_BATCHES = 2 << 20, 64  # batches a worker hands over at once (one pipe message)
-_GAP_BYTES = 1 << 20  # samples of a shard less than this apart are fetched by one read (the gap read through)
+_GAP_BYTES = 1 << 20  # samples of a shard less than this apart may be fetched by one read (the gap read through)
+_SMALL_GAP_BYTES = 64 << 10  # ... a gap this small always, a larger one only if the run so far keeps as many bytes
 _RUN_BYTES = 64 << 20  # ... up to this much in one read
 LANES = 16
 """Places of the epoch's sequence a shuffle block draws from (world-free: part of the order)."""
+
+
+def _read_through(gap: int, kept: int, skipped: int) -> bool:
+    """Whether a run that keeps `kept` bytes and has read through `skipped` bytes of gaps reads
+    through a `gap` to its next sample rather than start another read: a gap under `_GAP_BYTES`,
+    and no more gap bytes in all than kept bytes (a gap of `_SMALL_GAP_BYTES` always), so the
+    bytes read are at most twice those kept, plus `_SMALL_GAP_BYTES` for each read saved."""
+    return gap < _GAP_BYTES and (gap <= _SMALL_GAP_BYTES or skipped + gap <= kept)
 
 
 class StreamError(ValueError):
@@ -273,15 +283,18 @@ class _PieceReader(torch.utils.data.IterableDataset):
             return {}
         where = np.searchsorted(self._starts, positions, side="right") - 1  # index into the epoch's shards
         samples: dict[int, _Sample] = {}
-        runs: list[tuple[int, int, int, list[int]]] = []  # (k, first, stop, positions)
+        runs: list[list] = []  # [k, first, stop, positions, bytes kept, gap bytes read through]
         for pos, k in zip(positions.tolist(), where.tolist(), strict=True):
             index, shard = pos - int(self._starts[k]), self.plan.split.shards[self._order[k]]
-            if runs and runs[-1][0] == k and shard.offsets[index] - shard.offsets[runs[-1][2]] < _GAP_BYTES \
-                    and shard.offsets[index + 1] - shard.offsets[runs[-1][1]] <= _RUN_BYTES:
-                runs[-1] = (k, runs[-1][1], index + 1, runs[-1][3] + [pos])
-            else:
-                runs.append((k, index, index + 1, [pos]))
-        for k, first, stop, wanted in runs:
+            size = shard.offsets[index + 1] - shard.offsets[index]
+            if runs and runs[-1][0] == k:
+                _, first, stop, wanted, kept, skipped = runs[-1]
+                gap = shard.offsets[index] - shard.offsets[stop]
+                if _read_through(gap, kept, skipped) and shard.offsets[index + 1] - shard.offsets[first] <= _RUN_BYTES:
+                    runs[-1] = [k, first, index + 1, wanted + [pos], kept + size, skipped + gap]
+                    continue
+            runs.append([k, index, index + 1, [pos], size, 0])
+        for k, first, stop, wanted, _, _ in runs:
             base = int(self._starts[k])
             got = _read_segment(self.store, self.plan.split.shards[self._order[k]], first, stop,
                                 [pos - base for pos in wanted], self.retry, self.plan.verify)
