@@ -297,17 +297,19 @@ def test_sample_from_latents(tiny_config, images):
 # -- compilation -----------------------------------------------------------------------------
 
 def test_compiled_blocks_match_eager(tiny_config, images):
-    """Inductor on CPU: same loss and gradients as eager, with and without checkpointing.
+    """Compiled blocks (dynamo and AOTAutograd, eager kernels: the graphs that inductor would
+    compile) give the same loss and gradients as eager, with and without checkpointing.
 
     One compilation serves both: non-reentrant checkpointing replays the
     same graphs. No graph breaks; parameter names and copies unaffected.
+    Inductor's kernels: test_gpu_ready's compile=true run, checkpointed.
     """
     model = seeded_model(tiny_config)
     eager, eager_grads = loss_and_grads(model, images)
     keys = list(model.state_dict())
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    model.compile_blocks()
+    model.compile_blocks(backend="aot_eager")
     assert list(model.state_dict()) == keys
     compiled, compiled_grads = loss_and_grads(model, images)
     assert not torch._dynamo.utils.counters["graph_break"]
