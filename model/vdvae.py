@@ -143,14 +143,14 @@ class Block(nn.Module):
         return self.c4(F.gelu(h))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _maybe_compiled(Block._forward, self.compile_options)(self, x)
+        out = _maybe_compiled(Block._forward, self.compile_options)(self, x)
+        if self.down_rate is not None:  # outside the compiled part: one graph per resolution
+            out = F.avg_pool2d(out, kernel_size=self.down_rate, stride=self.down_rate)
+        return out
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.tail(self.c1(F.gelu(x)))
-        out = x + h if self.residual else h
-        if self.down_rate is not None:
-            out = F.avg_pool2d(out, kernel_size=self.down_rate, stride=self.down_rate)
-        return out
+        return x + h if self.residual else h
 
 
 def _channels_last(x: torch.Tensor) -> torch.Tensor:
@@ -293,25 +293,26 @@ class DecBlock(nn.Module):
         input channels), and gelu(x) is the prior's first input too: no
         concatenated copy, one GELU per input. With `acts_activated` the
         caller passes gelu(acts), computed once for all blocks at this
-        resolution (a checkpointed block computes its own instead, so that
+        resolution (a checkpointed group of blocks computes its own, so that
         it is not stored).
         """
-        # The noise is drawn first, eagerly: nothing random happens between here and the
-        # official draw after the posterior, and a compiled step draws no random numbers.
+        # Eager, outside the compiled step (one graph per resolution): the block's input,
+        # and its noise, drawn first. Nothing random happens between here and the official
+        # draw after the posterior, so the stream is the same, and a compiled step draws none.
+        x = self._input(x, lowres, acts.shape[0])
         eps = standard_normal((acts.shape[0], self.zdim, self.res, self.res), acts.device)
-        return _maybe_compiled(DecBlock._posterior_step, self.compile_options)(
-            self, x, lowres, acts, acts_activated, eps)
+        return _maybe_compiled(DecBlock._posterior_step, self.compile_options)(self, x, acts, acts_activated, eps)
 
-    def _posterior_step(self, x, lowres, acts, acts_activated, eps):
-        x, qm, qv, pm, pv = self._posterior_and_prior(x, lowres, acts, acts_activated)
+    def _posterior_step(self, x, acts, acts_activated, eps):
+        x, qm, qv, pm, pv = self._posterior_and_prior(x, acts, acts_activated)
         z = reparameterise(qm, qv, eps)
         kl = gaussian_kl_sum(qm, pm, qv, pv)
         return self._inject(x, z), kl, z
 
-    def _posterior_and_prior(self, x, lowres, acts, acts_activated):
-        """(x + the prior's residual part, posterior mean, log-std, prior mean, log-std)."""
+    def _posterior_and_prior(self, x, acts, acts_activated):
+        """x: the block's input (see `_input`) -> (x + the prior's residual part,
+        posterior mean, log-std, prior mean, log-std)."""
         gelu_acts = acts if acts_activated else F.gelu(acts)
-        x = self._input(x, lowres, gelu_acts.shape[0])
         gx = F.gelu(x)
         qm, qv = self.enc.tail(self.enc.c1(gx, gelu_acts)).chunk(2, dim=1)
         pm, pv, x = self._split_prior(self.prior.tail(self.prior.c1(gx)), x)
@@ -325,7 +326,8 @@ class DecBlock(nn.Module):
         log p(z) of the z drawn from the posterior (the same draw as
         `forward` makes from the same random state).
         """
-        x, qm, qv, pm, pv = self._posterior_and_prior(x, lowres, acts, acts_activated)
+        x = self._input(x, lowres, acts.shape[0])
+        x, qm, qv, pm, pv = self._posterior_and_prior(x, acts, acts_activated)
         z = sample_gaussian(qm, qv, generator)
         return self._inject(x, z), gaussian_log_prob_sum(z, qm, qv), gaussian_log_prob_sum(z, pm, pv)
 
@@ -407,9 +409,11 @@ class Decoder(nn.Module):
 
     @staticmethod
     def _run_blocks(blocks: list[DecBlock], x, lowres, acts, acts_activated):
+        # gelu(acts) once per group: a checkpointed group recomputes it, not stores it
+        gelu_acts = acts if acts_activated else F.gelu(acts)
         kls = []
         for i, block in enumerate(blocks):
-            x, kl, _ = block(x, lowres if i == 0 else None, acts, acts_activated)
+            x, kl, _ = block(x, lowres if i == 0 else None, gelu_acts, True)
             kls.append(kl)
         return (x, *kls)
 
@@ -646,31 +650,36 @@ class VDVAE(nn.Module):
     def compile_blocks(self, **options) -> None:
         """Compile the blocks' arithmetic with `torch.compile(**options)`, in place.
 
-        Compiled: each encoder block's forward, each decoder block's posterior
-        step (posterior, prior, KL, reparameterisation, latent injection,
-        residual block) and the output head with its likelihood. The decoder's
-        noise is drawn eagerly before each step, so a compiled model consumes
-        the random stream as an eager one does: same seed, same z, and the
-        loss and gradients agree with eager ones to float rounding. Blocks of
-        one kind (resolution, width, role) share compiled graphs; each kind is
-        compiled on first use (the first step is slow), static shapes unless
-        `dynamic` is passed. Parameters, their names and `state_dict()` are
-        untouched; a deepcopy is compiled too. Works with activation
-        checkpointing, reentrant or not (the reentrant no-grad forward is a
-        second graph per kind). Raises dynamo's per-function recompile limit
-        to the number of graphs this model needs, if it is lower.
+        Compiled: each encoder block's residual branch, each decoder block's
+        posterior step (posterior, prior, KL, reparameterisation, latent
+        injection, residual block) and the output head with its likelihood.
+        Eager: a decoder block's input (the upsampled lower resolution) and
+        its noise, drawn before the step, so that a compiled model consumes the
+        random stream as an eager one does (same seed, same z: loss and
+        gradients agree with eager ones to float rounding), and the encoder's
+        pooling; so blocks of one resolution share their compiled graphs (their
+        parameters are graph inputs). Each graph compiles on first use: the
+        first step is slow (cifar10 on 2 CPU cores: about 3 minutes, 40 s
+        with a warm inductor cache). Static shapes unless `dynamic` is passed.
+        Parameters, their names and `state_dict()` are untouched; a deepcopy
+        (an EMA copy) is compiled too. Works with activation checkpointing,
+        reentrant or not (reentrant: a no-grad graph per kind besides).
+        Raises dynamo's per-function recompile limit to the number of graphs
+        this model can need, if it is lower.
 
-        ZeRO-3: runs, and gives the same results, but gains little: DeepSpeed's
-        per-module parameter hooks are `torch.compiler.disable`d, so every
-        submodule call inside a compiled step is a graph break (each conv and
-        the elementwise work between two of them compile apart). Compile there
-        with DeepSpeed's own means instead, or use ZeRO stage 1-2.
+        ZeRO-3: runs, with the same losses as without DeepSpeed (checked on
+        the tiny model, checkpointing none and all/reentrant), but gains
+        little: DeepSpeed's per-module parameter hooks are
+        `torch.compiler.disable`d, so every submodule call inside a compiled
+        step is a graph break. Compile with ZeRO stage 0-2, or use DeepSpeed's
+        own compiler integration at stage 3.
         """
         setting = tuple(sorted({"dynamic": False, **options}.items()))
-        kinds = [{(b.res, b.c2.kernel_size, b.down_rate) for b in self.encoder.enc_blocks},
-                 {(b.res, b.mixin, i == 0 or b.res != self.decoder.dec_blocks[i - 1].res)
-                  for i, b in enumerate(self.decoder.dec_blocks)}]
-        needed = 2 * max(len(k) for k in kinds) + 2  # grad and no-grad graphs per kind
+        kinds = [{(b.res, b.c2.kernel_size) for b in self.encoder.enc_blocks},
+                 {b.res for b in self.decoder.dec_blocks}]
+        # a graph per kind and grad mode (no-grad: reentrant checkpointing, sampling),
+        # and one per decoder kind for sampling from the posterior (gelu(acts) inside)
+        needed = 3 * max(len(k) for k in kinds) + 2
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, needed)
         for block in [*self.encoder.enc_blocks, *self.decoder.dec_blocks]:
             block.compile_options = setting

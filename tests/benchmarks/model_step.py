@@ -33,7 +33,8 @@ pipeline gives its compute processes (pipeline/runtime.py); --allocator
 system runs with the system's malloc.
 
 On CUDA: timings are synchronised, `peak_cuda_gb` is the allocator's peak
-over the timed steps, TF32 is off unless --tf32, and --max-batch searches
+over the timed steps, TF32 is off unless --tf32, --dtype fp16 is autocast
+without a loss scale (a timing, not training), and --max-batch searches
 the largest batch that fits (doubling until out of memory, then bisecting).
 --profile N prints the top N ops of one step (torch.profiler, by self time)
 to stderr; the JSON line stays alone on stdout.
@@ -172,7 +173,7 @@ def print_profile(model: VDVAE, images: torch.Tensor, device: torch.device, dtyp
     with profile(activities=activities) as prof:
         train_step(model, images, device, dtype)
         synchronize(device)
-    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=rows), file=sys.stderr)
 
 
