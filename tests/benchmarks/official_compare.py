@@ -12,6 +12,8 @@ line with:
   - ELBO, distortion and rate of both on the same images with the same seed
     (the latent noise is drawn in the same order, so they agree to float
     rounding), and the largest relative gradient difference;
+  - our ELBO under bf16 autocast on the same images and noise, and its
+    relative difference from our fp32 ELBO (whole batch and per image);
   - median train-step seconds of both, alternating, and their ratio: the
     official model in fp32 (it has no other mode), ours in --ours-dtype
     (fp32, or bf16 autocast).
@@ -109,6 +111,12 @@ def main() -> None:
         ((p.grad - grads_theirs[k].grad).norm() / grads_theirs[k].grad.norm().clamp(min=1e-12)).item()
         for k, p in to_official_names(dict(ours.named_parameters())).items() if grads_theirs[k].grad.norm() > 0)
 
+    # ours under bf16 autocast, the same images and latent noise, against the fp32 terms
+    ours.zero_grad(set_to_none=True)
+    torch.manual_seed(1)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        stats_bf16 = ours(images)
+
     def train_step(model, *batch, bf16=False):
         with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
             out = model(*batch)
@@ -131,6 +139,10 @@ def main() -> None:
         "distortion_official": stats_theirs["distortion"].item(),
         "rate_ours": stats_ours.rate.item(), "rate_official": stats_theirs["rate"].item(),
         "max_relative_grad_diff": max_rel_grad,
+        "elbo_ours_bf16": stats_bf16.elbo.item(),
+        "bf16_relative_elbo_diff": abs(stats_bf16.elbo.item() / stats_ours.elbo.item() - 1),
+        "bf16_max_relative_per_image_elbo_diff":
+            ((stats_bf16.per_image_elbo.float() / stats_ours.per_image_elbo - 1).abs().max().item()),
     }
     if args.steps:
         result.update({
