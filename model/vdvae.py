@@ -54,13 +54,14 @@ _COMPILED: dict[tuple[object, str], object] = {}
 
 
 def _maybe_compiled(fn, options: CompileOptions | None):
-    """`fn`, or torch.compile(fn, **options): one compiled function per (fn, options) in a process.
+    """`fn`, or torch.compile(fn, **options) when gradients are on: one compiled function per
+    (fn, options) in a process.
 
     The compiled function takes the module as an argument, so blocks of one
     kind share its graphs (their parameters are graph inputs), and a copy
     of a module (deepcopy, an EMA) calls it with its own parameters.
     """
-    if options is None:
+    if options is None or not torch.is_grad_enabled():  # evaluation and sampling run eagerly
         return fn
     key = (fn, repr(options))
     if key not in _COMPILED:
@@ -650,9 +651,14 @@ class VDVAE(nn.Module):
     def compile_blocks(self, **options) -> None:
         """Compile the blocks' arithmetic with `torch.compile(**options)`, in place.
 
-        Compiled: each encoder block's residual branch, each decoder block's
-        posterior step (posterior, prior, KL, reparameterisation, latent
-        injection, residual block) and the output head with its likelihood.
+        Compiled, in the training step (gradients on): each encoder block's
+        residual branch, each decoder block's posterior step (posterior,
+        prior, KL, reparameterisation, latent injection, residual block) and
+        the output head with its likelihood. With gradients off (evaluation,
+        sampling, the first pass of reentrant checkpointing) the same code
+        runs eagerly: no graphs for other batch sizes and grad modes (an
+        evaluation's last, shorter batch would be one more per kind) for
+        work that is a small part of a run.
         Eager: a decoder block's input (the upsampled lower resolution) and
         its noise, drawn before the step, so that a compiled model consumes the
         random stream as an eager one does (same seed, same z: loss and
@@ -663,7 +669,7 @@ class VDVAE(nn.Module):
         with a warm inductor cache). Static shapes unless `dynamic` is passed.
         Parameters, their names and `state_dict()` are untouched; a deepcopy
         (an EMA copy) is compiled too. Works with activation checkpointing,
-        reentrant or not (reentrant: a no-grad graph per kind besides).
+        reentrant or not.
         Raises dynamo's per-function recompile limit to the number of graphs
         this model can need, if it is lower.
 
@@ -677,9 +683,8 @@ class VDVAE(nn.Module):
         setting = tuple(sorted({"dynamic": False, **options}.items()))
         kinds = [{(b.res, b.c2.kernel_size) for b in self.encoder.enc_blocks},
                  {b.res for b in self.decoder.dec_blocks}]
-        # a graph per kind and grad mode (no-grad: reentrant checkpointing, sampling),
-        # and one per decoder kind for sampling from the posterior (gelu(acts) inside)
-        needed = 3 * max(len(k) for k in kinds) + 2
+        # a graph per kind (a decoder kind: with gelu(acts) given or computed inside), and room
+        needed = 2 * max(len(k) for k in kinds) + 2
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, needed)
         for block in [*self.encoder.enc_blocks, *self.decoder.dec_blocks]:
             block.compile_options = setting
