@@ -155,11 +155,11 @@ def test_with_the_global_batch_halved_every_sample_of_the_epoch_is_seen_once(cha
     assert len(next_epoch) == len(set(next_epoch)) > 0
 
 
-@pytest.mark.parametrize("stage", [1, 3])
+@pytest.mark.parametrize("stage", [1])  # (ZeRO-3 bf16 reads as fp32 does: the fp32 partitions beside the bf16)
 def test_a_bf16_run_resumes_on_another_world_size_with_its_state_exact(data, tmp_path, stage):
-    """precision=bf16, DeepSpeed's `bf16_` optimizer files (ZeRO-1: its BF16_Optimizer; ZeRO-3:
-    fp32 partitions beside bf16 parameters): 2 ranks x 4 for 2 steps, then 1 rank x 8. The fp32 weights,
-    moments, step counts and EMA right after the resume are the saved ones, and it trains on."""
+    """precision=bf16 at ZeRO-1, DeepSpeed's BF16_Optimizer and its `bf16_` files: 2 ranks x 4 for
+    2 steps, then 1 rank x 8. The fp32 weights, moments, step counts and EMA right after the resume
+    are the saved ones, and it trains on."""
     run = tmp_path / "run"
     common = (f"zero_stage={stage}", "precision=bf16")
     saver = probe(data, run, tmp_path / "A", 2, *common, "max_steps=2")

@@ -102,14 +102,29 @@ def test_other_zero_stages_train(data, tmp_path, free_port, stage):
 
 
 @pytest.mark.parametrize("stage", [3])  # (stage 2: test_kill_9_then_restart...; other world sizes: test_resize.py)
-def test_resume_gives_the_losses_of_an_uninterrupted_run(data, tmp_path, free_port, stage):
+def test_resume_from_the_s3_mirror_gives_the_losses_of_an_uninterrupted_run(data, tmp_path, free_port, stage,
+                                                                            bucket, s3_server):
+    """Checkpoints mirrored to S3 (each rank its files, in the background; the job waits for them;
+    pruned), the node's disk lost, the run resumed from the mirror: every step's loss exactly."""
+    import shutil
+
     whole, cut = tmp_path / "whole", tmp_path / "cut"
+    mirror = f"s3://{bucket}/runs/a"
     launch(data, whole, free_port, f"zero_stage={stage}", "max_steps=10", "checkpoint_every=100")
-    launch(data, cut, free_port, f"zero_stage={stage}", "max_steps=6", "checkpoint_every=100")
-    # a checkpoint cut short by a crash: a folder that `latest` does not name
-    (cut / "checkpoints" / "global_step8").mkdir()
+    launch(data, cut, free_port, f"zero_stage={stage}", "max_steps=6", "checkpoint_every=2", "keep_checkpoints=1",
+           f"checkpoint_mirror={mirror}")
+    keys = {o["Key"] for o in s3_server["client"].list_objects_v2(Bucket=bucket, Prefix="runs/a/")["Contents"]}
+    assert {k.removeprefix("runs/a/global_step6/") for k in keys if k.startswith("runs/a/global_step6/")} == \
+        {p.name for p in (cut / "checkpoints" / "global_step6").iterdir() if p.is_file()}
+    assert {"runs/a/latest", "runs/a/uploaded/global_step6/rank00000", "runs/a/uploaded/global_step6/rank00001"} <= keys
+    assert not any("global_step2/" in k or "global_step4/" in k for k in keys)  # pruned to the last one
+    shutil.rmtree(cut / "checkpoints")  # the node and its disk are gone; on the new one, a crash's leftover:
+    (cut / "checkpoints" / "global_step8").mkdir(parents=True)  # a folder that no `latest` names
     (cut / "checkpoints" / "global_step8" / "mp_rank_00_model_states.pt").write_bytes(b"half")
-    launch(data, cut, free_port, f"zero_stage={stage}", "max_steps=10", "checkpoint_every=100")
+    launch(data, cut, free_port, f"zero_stage={stage}", "max_steps=10", "checkpoint_every=100",
+           f"checkpoint_mirror={mirror}")
+    last_start = json.loads((cut / "starts.jsonl").read_text().splitlines()[-1])
+    assert last_start["started_from"] == {"checkpoint": "global_step6", "step": 6}  # fetched from the mirror
     assert losses(cut) == losses(whole)  # every step, exactly (fixed seeds, restored stream and RNG)
     assert (cut / "checkpoints" / "latest").read_text() == "global_step10"
 
@@ -264,27 +279,6 @@ def test_gradient_accumulation_and_bf16_train(data, tmp_path, free_port, setting
     elbo = losses(run)
     assert sorted(elbo) == list(range(1, 9)) and all(np.isfinite(list(elbo.values())))
     assert np.mean([elbo[s] for s in (7, 8)]) < np.mean([elbo[s] for s in (1, 2)])
-
-
-def test_checkpoints_mirrored_to_s3_and_resumed_from_there(data, tmp_path, free_port, bucket, s3_server):
-    import shutil
-
-    whole, run = tmp_path / "whole", tmp_path / "run"
-    mirror = f"s3://{bucket}/runs/a"
-    launch(data, whole, free_port, "zero_stage=3", "max_steps=6", "checkpoint_every=100")
-    launch(data, run, free_port, "zero_stage=3", "max_steps=4", "checkpoint_every=2", "keep_checkpoints=1",
-           f"checkpoint_mirror={mirror}")
-    client = s3_server["client"]
-    keys = {o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="runs/a/")["Contents"]}
-    # every rank's files are up (each uploaded its own, in the background; the job waited for them)
-    assert {k.removeprefix("runs/a/global_step4/") for k in keys if k.startswith("runs/a/global_step4/")} == \
-        {p.name for p in (run / "checkpoints" / "global_step4").iterdir() if p.is_file()}
-    assert {"runs/a/latest", "runs/a/uploaded/global_step4/rank00000", "runs/a/uploaded/global_step4/rank00001"} <= keys
-    assert not any("global_step2/" in k for k in keys)  # pruned to the last one
-    shutil.rmtree(run / "checkpoints")  # the node and its disk are gone
-    launch(data, run, free_port, "zero_stage=3", "max_steps=6", "checkpoint_every=100",
-           f"checkpoint_mirror={mirror}")
-    assert losses(run) == losses(whole)
 
 
 def test_sample_from_an_official_checkpoint(tmp_path):
