@@ -107,8 +107,8 @@ def test_prep_train_preempt_requeue_resume_eval_through_submit(slurm, env, s3_se
     model_json.write_text(json.dumps(asdict(TINY)))
     settings = ["--preset", "cifar10", "--data", data, "--run-dir", str(run), "--nodes", "2", "--gpus-per-node",
                 "0", "--time", "20", "--signal-grace", "60", f"model_json={model_json}", "batch_per_gpu=4",
-                "lr=2e-3", "warmup_iters=2", "workers=0", "log_every=1", "zero_stage=2", "max_steps=300",
-                "checkpoint_every=100", "eval_every=300", "ema_rate=0.9"]
+                "lr=2e-3", "warmup_iters=2", "workers=0", "log_every=1", "zero_stage=2", "max_steps=120",
+                "checkpoint_every=100", "eval_every=120", "ema_rate=0.9"]
     script = vdvae(env, tmp_path, "submit", "train", *settings, "--dry-run")
     assert SECRET not in script and "AWS_SECRET" not in script
     assert "#SBATCH --requeue" in script and "#SBATCH --signal=B:USR1@60" in script
@@ -127,7 +127,7 @@ def test_prep_train_preempt_requeue_resume_eval_through_submit(slurm, env, s3_se
     held = slurm.wait(train_job, ("PENDING",), 120)
     assert int(held["Restarts"]) == 1
     saved_at = max(log_steps(run))
-    assert saved_at < 300, "the run finished before the signal: make it longer"
+    assert saved_at < 120, "the run finished before the signal: make it longer"
     assert (run / "checkpoints" / "latest").read_text() == f"global_step{saved_at}"
     # `vdvae status` sees the job (recorded by submit), held after its requeue, at the signal's checkpoint
     got = json.loads(vdvae(env, tmp_path, "status", str(run), "--json"))
@@ -145,9 +145,9 @@ def test_prep_train_preempt_requeue_resume_eval_through_submit(slurm, env, s3_se
     log = (run / f"slurm-{train_job}.out").read_text()
     assert info["JobState"] == "COMPLETED", log[-4000:]
     assert "requeueing job" in log and f"resumed from {run}/checkpoints/global_step{saved_at}" in log, log[-4000:]
-    assert sorted(log_steps(run)) == list(range(1, 301))
+    assert sorted(log_steps(run)) == list(range(1, 121))
     got = json.loads(vdvae(env, tmp_path, "status", str(run), "--json"))
-    assert got["done"] and got["step"] == 300 and got["checkpoint"]["tag"] == "global_step300"
+    assert got["done"] and got["step"] == 120 and got["checkpoint"]["tag"] == "global_step120"
     assert got["jobs"][0]["state"] == "COMPLETED" and got["jobs"][0]["restarts"] == 1, got["jobs"]
 
     # 4. eval: a job that prints bits/dim, each valid image once
@@ -162,7 +162,7 @@ def test_prep_train_preempt_requeue_resume_eval_through_submit(slurm, env, s3_se
 
     # 5. TensorBoard's own server: one point per step, no gap or repeat across the requeue
     rows = tensorboard_scalars(run / "tensorboard", "train/elbo", env)
-    assert [int(step) for _, step, _ in rows] == list(range(1, 301))
+    assert [int(step) for _, step, _ in rows] == list(range(1, 121))
     first_new = next(wall for wall, step, _ in rows if step == saved_at + 1)
     for text in (log, prep_log, eval_log):
         assert SECRET not in text
@@ -199,10 +199,10 @@ def test_a_dead_task_takes_the_job_down_and_a_resubmission_resumes(slurm, env, s
     model_json.write_text(json.dumps(asdict(TINY)))
     settings = ["--preset", "cifar10", "--data", str(data), "--run-dir", str(run), "--nodes", "2",
                 "--gpus-per-node", "0", f"model_json={model_json}", "batch_per_gpu=4", "workers=0", "log_every=1",
-                "zero_stage=3", "max_steps=300", "checkpoint_every=50", "eval_every=300"]
+                "zero_stage=3", "max_steps=60", "checkpoint_every=20", "eval_every=60"]
     first = job_id(vdvae(env, tmp_path, "submit", "train", *settings))
     deadline = time.time() + 300
-    while max(log_steps(run), default=0) < 60:
+    while max(log_steps(run), default=0) < 25:
         assert slurm.job(first)["JobState"] in ("PENDING", "RUNNING") and time.time() < deadline
         time.sleep(0.2)
     pid = training_rank_pid(run, 1)
@@ -214,7 +214,7 @@ def test_a_dead_task_takes_the_job_down_and_a_resubmission_resumes(slurm, env, s
     assert info["JobState"] == "FAILED" and down < 60, (info, down)  # no hang in a collective
     assert int(info["Restarts"]) == 0  # a crash is not a preemption: no requeue loop
     saved = int((run / "checkpoints" / "latest").read_text().removeprefix("global_step"))
-    assert saved >= 50 and saved % 50 == 0
+    assert 20 <= saved < 60 and saved % 20 == 0
 
     one_node = [*settings, "batch_per_gpu=8"]
     one_node[one_node.index("--nodes") + 1] = "1"
@@ -224,7 +224,7 @@ def test_a_dead_task_takes_the_job_down_and_a_resubmission_resumes(slurm, env, s
     assert info["JobState"] == "COMPLETED", log[-3000:]
     assert f"global_step{saved}: written by 2 ranks, re-partitioned for 1" in log, log[-3000:]
     assert f"resumed from {run}/checkpoints/global_step{saved}" in log
-    assert max(log_steps(run)) == 300
+    assert max(log_steps(run)) == 60
     print(f"\na killed task took the job down in {down:.1f} s; the job resubmitted on 1 node resumed at step "
           f"{saved}")
 
