@@ -659,32 +659,31 @@ class VDVAE(nn.Module):
         runs eagerly: no graphs for other batch sizes and grad modes (an
         evaluation's last, shorter batch would be one more per kind) for
         work that is a small part of a run.
-        Eager: a decoder block's input (the upsampled lower resolution) and
+
+        Eager always: a decoder block's input (the upsampled lower resolution) and
         its noise, drawn before the step, so that a compiled model consumes the
         random stream as an eager one does (same seed, same z: loss and
         gradients agree with eager ones to float rounding), and the encoder's
         pooling; so blocks of one resolution share their compiled graphs (their
         parameters are graph inputs). Each graph compiles on first use: the
-        first step is slow (cifar10 on 2 CPU cores: about 3 minutes, 40 s
-        with a warm inductor cache). Static shapes unless `dynamic` is passed.
+        first step is slow (cifar10 batch 8 on 2 CPU cores: 129 s, 24 s with
+        a warm inductor cache). Static shapes unless `dynamic` is passed.
         Parameters, their names and `state_dict()` are untouched; a deepcopy
         (an EMA copy) is compiled too. Works with activation checkpointing,
         reentrant or not.
         Raises dynamo's per-function recompile limit to the number of graphs
         this model can need, if it is lower.
 
-        ZeRO-3: runs, with the same losses as without DeepSpeed (checked on
-        the tiny model, checkpointing none and all/reentrant), but gains
-        little: DeepSpeed's per-module parameter hooks are
+        ZeRO-3 gains little: DeepSpeed's per-module parameter hooks are
         `torch.compiler.disable`d, so every submodule call inside a compiled
-        step is a graph break. Compile with ZeRO stage 0-2, or use DeepSpeed's
-        own compiler integration at stage 3.
+        step is a graph break; the run config refuses compile=true there.
+        Compile with ZeRO stage 0-2, or use DeepSpeed's own compiler
+        integration at stage 3.
         """
         setting = tuple(sorted({"dynamic": False, **options}.items()))
         kinds = [{(b.res, b.c2.kernel_size) for b in self.encoder.enc_blocks},
                  {b.res for b in self.decoder.dec_blocks}]
-        # a graph per kind (a decoder kind: with gelu(acts) given or computed inside), and room
-        needed = 2 * max(len(k) for k in kinds) + 2
+        needed = 2 * max(len(k) for k in kinds) + 2  # a graph per kind (training only), with room
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, needed)
         for block in [*self.encoder.enc_blocks, *self.decoder.dec_blocks]:
             block.compile_options = setting

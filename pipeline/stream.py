@@ -33,10 +33,10 @@ whole number of batches, about 256 MB decoded); a piece's samples are
 fetched with one ranged read per run of them in a shard; a run reads
 through the gap to the next sample when the gap is small (64 KiB) or its
 gaps in all stay within the bytes it keeps (and each under 1 MB): whatever
-the world size (with many ranks their samples interleave in the shards), a
-rank reads at most twice the bytes it keeps, plus 64 KiB a read saved. DataLoader worker w
-reads pieces w, w + W, ...; the batches are put back in order in the main
-process, so W changes nothing.
+the world size (with many ranks their samples interleave in the shards),
+a rank reads at most twice the bytes it keeps, plus 64 KiB a read saved.
+DataLoader worker w reads pieces w, w + W, ...; the batches are put back in
+order in the main process, so W changes nothing.
 
 The state is a world-free cursor (epoch, samples consumed, seed, block
 size): restoring it yields exactly the batches, keys included, that would
@@ -72,7 +72,7 @@ _DECODED_PIECE_BYTES = 256 << 20  # default piece: about this much decoded pixel
 _MAX_PIECE_SAMPLES = 4096
 _HANDOFF_BYTES, _HANDOFF_BATCHES = 2 << 20, 64  # batches a worker hands over at once (one pipe message)
 _GAP_BYTES = 1 << 20  # samples of a shard less than this apart may be fetched by one read (the gap read through)
-_SMALL_GAP_BYTES = 64 << 10  # ... a gap this small always, a larger one only if the run so far keeps as many bytes
+_SMALL_GAP_BYTES = 64 << 10  # ... a gap this small always, larger ones while their sum stays within the bytes kept
 _RUN_BYTES = 64 << 20  # ... up to this much in one read
 LANES = 16
 """Places of the epoch's sequence a shuffle block draws from (world-free: part of the order)."""

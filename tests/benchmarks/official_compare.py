@@ -112,7 +112,6 @@ def main() -> None:
         for k, p in to_official_names(dict(ours.named_parameters())).items() if grads_theirs[k].grad.norm() > 0)
 
     # ours under bf16 autocast, the same images and latent noise, against the fp32 terms
-    ours.zero_grad(set_to_none=True)
     torch.manual_seed(1)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         stats_bf16 = ours(images)

@@ -56,6 +56,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def timed_paper_step(engine, rule, ema, images) -> float:
+    """Seconds of one training step under the paper's update rule, with the EMA update."""
+    start = time.perf_counter()
+    engine.backward(engine(images).elbo)
+    if not rule.step().skipped:
+        ema.update()
+    return time.perf_counter() - start
+
 def persistent_tensor_bytes() -> int:
     import torch
 
@@ -104,11 +112,7 @@ def worker(args) -> None:
     images = torch.randint(0, 256, (args.batch, size, size, 3), dtype=torch.uint8, generator=gen)
 
     def paper_step() -> float:
-        start = time.perf_counter()
-        engine.backward(engine(images).elbo)
-        if not rule.step().skipped:
-            ema.update()
-        return time.perf_counter() - start
+        return timed_paper_step(engine, rule, ema, images)
 
     paper_step()  # warm-up
     times = [paper_step() for _ in range(args.steps)]
@@ -199,23 +203,18 @@ def mirror_worker(args) -> None:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     modes = ("off", "background", "sync_before")
-    mirrors = {mode: Mirror(f"{args.mirror_url}/{mode}", rank, world, config.keep_checkpoints) if mode == "background"
-               else None for mode in modes}
+    background = Mirror(f"{args.mirror_url}/background", rank, world, config.keep_checkpoints)
     got = {mode: {"steps": [], "saves": [], "waits": [], "finished": [], "server": 0.0} for mode in modes}
 
     def step() -> float:
-        start = time.perf_counter()
-        engine.backward(engine(images).elbo)
-        if not rule.step().skipped:
-            ema.update()
-        return time.perf_counter() - start
+        return timed_paper_step(engine, rule, ema, images)
 
     step()  # warm-up
     tag = 0
     for round_ in range(args.steps // args.checkpoint_every):
         for mode in modes[round_ % 3:] + modes[:round_ % 3]:  # each mode first in turn
             server_start, mine = server_cpu_s(), got[mode]
-            checkpointer.mirror = mirrors[mode]
+            checkpointer.mirror = background if mode == "background" else None
             tag += 1
             dist.barrier()
             start = time.perf_counter()
