@@ -58,13 +58,13 @@ def out_root(request, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def split_on_disk(tmp_path_factory):
+def split_local(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("split")
     return make_split(tmp, str(tmp / "out"))
 
 
 @pytest.fixture(scope="module")
-def split_on_s3(tmp_path_factory, s3_server):
+def split_s3(tmp_path_factory, s3_server):
     tmp = tmp_path_factory.mktemp("split-s3")
     s3_server["client"].create_bucket(Bucket="stream-shared")
     return make_split(tmp, "s3://stream-shared/ds")
@@ -73,7 +73,7 @@ def split_on_s3(tmp_path_factory, s3_server):
 @pytest.fixture(scope="module", params=["local", "s3"])
 def local_split(request):
     """One split for several tests, in a local folder and on the session's SeaweedFS."""
-    return request.getfixturevalue("split_on_disk" if request.param == "local" else "split_on_s3")
+    return request.getfixturevalue(f"split_{request.param}")
 
 
 def test_manifest_errors(tmp_path, local_split):
@@ -114,11 +114,11 @@ def test_same_seed_same_batches_other_seed_or_epoch_other_order(local_split):
     assert torch.equal(b0.images, b1.images) and b0.keys == b1.keys
 
 
-@pytest.mark.parametrize(("where", "workers_after"), [("disk", 0), ("disk", 1), ("disk", 2), ("disk", 3), ("s3", 2)])
+@pytest.mark.parametrize(("where", "workers_after"), [("local", 0), ("local", 1), ("local", 2), ("local", 3), ("s3", 2)])
 def test_resume_is_exact(request, where, workers_after):
-    """Every worker count after the resume on disk; on S3 once, with workers (the cursor does not depend
+    """Every worker count after the resume in a local folder; on S3 once, with workers (the cursor does not depend
     on the store)."""
-    url = request.getfixturevalue(f"split_on_{where}") + "/train"
+    url = request.getfixturevalue(f"split_{where}") + "/train"
     reference = ShardStream(url, 4, seed=7, workers=2, piece_samples=8)
     per_epoch = reference.batches_per_epoch
     full = [b for _, b in zip(range(3 * per_epoch), reference.forever(), strict=False)]
