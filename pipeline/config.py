@@ -410,6 +410,15 @@ def check_run_folder(config: RunConfig) -> RunConfig | None:
     return saved
 
 
+def precision_warning(config: RunConfig, bf16_native: bool) -> str | None:
+    """A warning for a run that will be slow but not wrong: bf16 on a machine that emulates it."""
+    if config.precision == "bf16" and not bf16_native:
+        return ("precision=bf16 on a machine without native bf16 (a CPU without AVX-512 BF16 or AMX, or a GPU "
+                "older than Ampere): torch emulates it, and a step is several times slower than in fp32; "
+                "use precision=fp32 here")
+    return None
+
+
 def validate_run(config: RunConfig, world_size: int, on_gpu: bool) -> dict[str, int]:
     """Everything that needs the data, the world size or the run folder, checked once before any
     process group starts (every rank runs it, so all fail alike and none waits); samples per split."""

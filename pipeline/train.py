@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -23,7 +24,7 @@ import torch.distributed as dist
 from data_prep.storage import LocalStore
 
 from .checkpoint import Checkpointer
-from .config import RunConfig, validate_run
+from .config import RunConfig, precision_warning, validate_run
 from .distributed import REQUEUE_EXIT_CODE, detect_ranks, end_distributed, init_distributed
 from .ema import EMA
 from .engine import build_engine, device_of_this_rank
@@ -34,6 +35,7 @@ from .init import start_from
 from .latents import LatentUsage, RateWindow
 from .metrics import Metrics, memory_gb, reduce_by_name
 from .provenance import record_start, start_record
+from .runtime import bf16_is_native
 from .stream import ShardStream
 from .update import UpdateRule
 
@@ -322,7 +324,11 @@ class Trainer:
 def train(config: RunConfig) -> int:
     """Check the run, then run the job; the process exit status: 0 when done, REQUEUE_EXIT_CODE
     after a signal's checkpoint, STUCK_EXIT_CODE after an alarm's (not requeued)."""
-    validate_run(config, detect_ranks().world, on_gpu=torch.cuda.is_available())
+    ranks = detect_ranks()
+    validate_run(config, ranks.world, on_gpu=torch.cuda.is_available())
+    warning = precision_warning(config, bf16_is_native())
+    if warning and ranks.rank == 0:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
     trainer = Trainer(config)
     in_step = False  # every rank ends here together (done, or all checkpointed on a signal)
     try:

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from data_prep.prep import prep
-from pipeline.config import ConfigError, RunConfig, check_data, check_run_folder
+from pipeline.config import ConfigError, RunConfig, check_data, check_run_folder, precision_warning
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -144,3 +144,11 @@ def test_train_from_a_saved_config_and_its_errors(tmp_path, capsys):
     assert "--config" in (err := capsys.readouterr().err) and "No such file" in err
     assert cli_main(["train", "--preset", "cifar10"]) == 2
     assert "give --data, --run-dir (or --config RUN/config.json" in capsys.readouterr().err
+
+
+def test_bf16_where_it_is_emulated_is_warned_of_and_fp32_suggested():
+    bf16 = RunConfig.from_preset("cifar10", "d", "r", ["precision=bf16", "zero_stage=1"])
+    warning = precision_warning(bf16, bf16_native=False)
+    assert "without native bf16" in warning and "use precision=fp32" in warning
+    assert precision_warning(bf16, bf16_native=True) is None
+    assert precision_warning(RunConfig.from_preset("cifar10", "d", "r", []), bf16_native=False) is None
