@@ -83,5 +83,5 @@ def bf16_is_native() -> bool:
     import torch  # (this module is imported before torch by every CLI start: see launch/cli.py)
 
     if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
