@@ -117,13 +117,27 @@ class Clock:
         return Interval(wall, cpu, max(0.0, others / (wall * (os.cpu_count() or 1))))
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype, repeats: int = 5) -> tuple[float, float]:
-    """The best of `repeats` n-cube matmuls (n = 4096 on CPU, 8192 on CUDA): TFLOP per
-    wall second, and TFLOP per CPU second of this process (see `--peak` in the module doc)."""
-    n = 8192 if device.type == "cuda" else 4096
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    torch.mm(a, b)  # warm up the library (AMX tile configuration, cuBLAS handles)
+def matmul_peak(device: torch.device, dtype: torch.dtype, repeats: int = 5,
+                seconds: float = 1.0) -> tuple[float, float]:
+    """The best of `repeats` n-cube matmuls: TFLOP per wall second, and TFLOP per CPU second of
+    this process (see `--peak` in the module doc).
+
+    n = 4096 on CPU and 8192 on CUDA, or less where one matmul of the next size would take more
+    than about `seconds`: a CPU without native bf16 (AVX2 only) runs a bf16 matmul about 100 times
+    slower than an fp32 one (1024-cube: 2.8 s against 0.022 s on an AMD EPYC), and a 4096-cube
+    took minutes there.
+    """
+    top = 8192 if device.type == "cuda" else 4096
+    n = 512
+    while True:
+        a = torch.randn(n, n, device=device).to(dtype)
+        b = torch.randn(n, n, device=device).to(dtype)
+        torch.mm(a, b)  # warm up the library (AMX tile configuration, cuBLAS handles)
+        clock = Clock(device)
+        torch.mm(a, b)
+        if n >= top or clock.stop().wall * 8 > seconds:  # the next size: 8 times the work
+            break
+        n *= 2
     best_wall = best_cpu = float("inf")
     for _ in range(repeats):
         clock = Clock(device)
