@@ -100,8 +100,6 @@ def cifar_src(tmp_path_factory):
     return root.parent, images
 
 
-
-
 # The suite runs on 2 pytest-xdist workers, a file to a worker (`make test`: -n 2 --dist loadfile
 # --no-loadscope-reorder). Files are handed out in collection order as workers free up, so the
 # slowest go first and the two workers finish together (longest first). Measured on 2 cores, serial

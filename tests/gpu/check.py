@@ -34,9 +34,10 @@ Stages (`--list` prints them for a mode):
 GPU mode runs the training stages side by side (one GPU holds them all) and then the timing stages
 one at a time, alone on the machine. CPU mode (--cpu) runs the same sequence shortened: the tiny
 model of tests/conftest.py (TINY) at 8 px, a few steps, bf16 for fp16, model_step.py on cifar10 at
-batch 1 in fp32 without --peak, no compile and no --max-batch. A global time budget (--budget, counted from
-check.sh's start) bounds the whole check: each stage has its own timeout within it, a stage that
-would start with too little time left is skipped, and at the budget's end whatever runs is killed.
+batch 1 in fp32 without --peak, no compile and no --max-batch. A global time budget (--budget,
+counted from check.sh's start) bounds the whole check: each stage has its own timeout within it, a
+stage that would start with too little time left is skipped, and at the budget's end whatever runs
+is killed.
 A failing stage stops only the stages that need its output.
 
 The JSON: {"ok", "mode", "seconds", "budget_s", "environment", "stages": {name: {"status": ok | failed
