@@ -27,7 +27,9 @@ one-thread op) costs wall time but no CPU time.
 
 --compile compiles the model's blocks (`VDVAE.compile_blocks`); the first
 step's time, the compilation, is reported apart (`compile_s`) and the
-warmup covers it.
+warmup covers it. --compile-mode passes torch.compile's `mode`
+(max-autotune: inductor times its own GEMM kernels against ATen's for each
+matmul shape, and compiles for longer).
 
 --allocator tcmalloc (the default) runs with the allocator that the
 pipeline gives its compute processes (pipeline/runtime.py); --allocator
@@ -258,6 +260,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--allocator", choices=["tcmalloc", "system"], default="tcmalloc")
     parser.add_argument("--peak", action="store_true", help="matmul peaks, FLOPs per step, fraction of peak")
     parser.add_argument("--compile", action="store_true", help="torch.compile the blocks (VDVAE.compile_blocks)")
+    parser.add_argument("--compile-mode", default=None, choices=["default", "max-autotune", "max-autotune-no-cudagraphs"],
+                        help="with --compile: torch.compile's mode (default: torch's default)")
     parser.add_argument("--tf32", action="store_true", help="CUDA: allow TF32 matmuls and convolutions")
     parser.add_argument("--max-batch", action="store_true", help="CUDA: search the largest batch that fits")
     parser.add_argument("--max-other-load", type=float, default=None, metavar="F",
@@ -273,6 +277,8 @@ def parse_args() -> argparse.Namespace:
         parser.error("--dtype fp16 runs on CUDA only (on CPU, use bf16)")
     if args.max_batch and args.device != "cuda":
         parser.error("--max-batch needs --device cuda (on CPU, memory is the process's RSS)")
+    if args.compile_mode and not args.compile:
+        parser.error("--compile-mode needs --compile")
     if args.compile and args.warmup < 1:
         parser.error("--compile needs --warmup >= 1: the first step compiles")
     return args
@@ -298,7 +304,7 @@ def main() -> None:
         result["flops_per_step"] = count_flops(model, images, device, args.dtype)
         peaks = {name: matmul_peak(device, _DTYPES[name]) for name in peak_dtypes}
     if args.compile:
-        model.compile_blocks()
+        model.compile_blocks(**({"mode": args.compile_mode} if args.compile_mode else {}))
 
     for step in range(args.warmup):
         spent = timed_step(model, images, device, args.dtype)
@@ -349,6 +355,7 @@ def main() -> None:
         "device": args.device,
         "device_name": device_name(device),
         "compile": args.compile,
+        **({"compile_mode": args.compile_mode} if args.compile_mode else {}),
         "steps": args.steps,
         **result,
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
