@@ -25,8 +25,10 @@ Stages (`--list` prints them for a mode):
                       fp16 needs GPUs and names what to use
   eval, sample, export  `vdvae eval` / `vdvae sample` / `vdvae export` on the zero2_bf16 run
   train_compile_zero2_bf16  (GPU) compile=true, a few steps
-  model_step_<preset>_b<B>_<dtype>[_compile]  tests/benchmarks/model_step.py (--peak on a GPU): on a
-                      GPU cifar10 b16, ffhq256 b1 and ffhq1024 b1, each fp32, bf16 and bf16 --compile
+  model_step_<preset>_b<B>_<dtype>[_compile]  tests/benchmarks/model_step.py (--peak --profile 15 on a
+                      GPU: the step's top ops in the stage's log, the matmuls' and convolutions' share
+                      and ceiling in its figures): on a GPU cifar10 b16, ffhq256 b1 and ffhq1024 b1,
+                      each fp32, bf16 and bf16 --compile
   official_<preset>_b<B>_<dtype>  tests/gpu/official_step.py: the official model's step, with
                       --official-src (reported as not run without it)
   max_batch_ffhq1024_bf16_ckpt_all  (GPU) model_step.py --max-batch --checkpointing all
@@ -641,7 +643,8 @@ class Check:
         warmup = max(plan.bench_warmup - 1, 1) if bench.compile else plan.bench_warmup
         cmd = [sys.executable, str(MODEL_STEP), "--preset", bench.preset, "--batch", str(bench.batch),
                "--dtype", bench.dtype, *self.device_args(), "--steps", str(plan.bench_steps),
-               "--warmup", str(warmup), *(["--peak"] if plan.peak else []), *(["--compile"] if bench.compile else [])]
+               "--warmup", str(warmup), *(["--peak", "--profile", "15"] if plan.peak else []),
+               *(["--compile"] if bench.compile else [])]
         return self.timing(ctx, cmd, "model_step.py")
 
     def stage_official(self, ctx: StageContext, bench: Bench) -> dict:
