@@ -13,8 +13,8 @@ machine's matmul peak (the best of square matmuls from 512 to 4096, 8192 on
 CUDA, fp32 and bf16, and fp16 on CUDA) and the step's FLOPs
 (torch.utils.flop_counter over one extra untimed forward + backward), and
 reports the achieved TFLOP/s and its fraction of the peak of the step's
-dtype. Timings on a shared machine are
-noisy: compare fractions of a peak measured in the same process, not seconds.
+dtype. Timings on a shared machine are noisy: compare fractions of a peak
+measured in the same process, not seconds.
 
 On a shared machine: `other_load_median` is the share of the CPUs that
 other processes used during the timed steps (from /proc/stat), and
