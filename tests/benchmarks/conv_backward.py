@@ -10,11 +10,12 @@ Prints one JSON line per shape (batch, channels, side): best of 5 in millisecond
 TFLOP/s, and each candidate's largest difference from oneDNN's weight gradient (fp32 rounding).
 
 --model-steps N instead times the whole cifar10 batch-8 fp32 training step (with tcmalloc, as
-model_step.py does), N times each way, alternating in one process: the model's 3x3 convolutions with oneDNN's backward, and with a
-backward whose weight gradient is `shifted_weight_grad` (where a conv has at least 8192 pixel
-rows; oneDNN's input gradient either way). It prints the medians, the median of the paired ratios
-(oneDNN's time over the candidate's) and the largest relative gradient difference. A kernel that
-wins alone can lose inside the model, whose activations are not in cache.
+model_step.py does), N times each way, alternating in one process: the model's 3x3 convolutions
+with oneDNN's backward, and with a backward whose weight gradient is `shifted_weight_grad` (where
+a conv has at least 8192 pixel rows; oneDNN's input gradient either way). It prints the medians,
+the median of the paired ratios (oneDNN's time over the candidate's) and the largest relative
+gradient difference. A kernel that wins alone can lose inside the model, whose activations are
+not in cache.
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ class _ShiftedConv3x3(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         grad = grad.contiguous(memory_format=torch.channels_last)
-        grad_input = conv_backward(grad, x, weight, [True, False, False])[0]
+        grad_input = conv_backward(grad, x, weight, [True, False, False])[0] if ctx.needs_input_grad[0] else None
         return grad_input, shifted_weight_grad(grad, x), grad.sum((0, 2, 3))
 
 
@@ -112,7 +113,6 @@ def model_side_by_side(steps: int) -> dict:
             return _ShiftedConv3x3.apply(x, conv.weight, conv.bias)
         return stock_forward(conv, x)
 
-    nn.Conv2d.forward = forward
     torch.manual_seed(0)
     model = VDVAE(get_preset("cifar10").model)
     images = torch.randint(0, 256, (8, 32, 32, 3), dtype=torch.uint8)
@@ -126,14 +126,17 @@ def model_side_by_side(steps: int) -> dict:
         model.zero_grad(set_to_none=True)
         return spent, grads
 
-    _, stock_grads = step()
-    use_candidate = True
-    _, candidate_grads = step()
-    times: dict[bool, list[float]] = {False: [], True: []}
-    for _ in range(steps):
-        for use_candidate in (False, True):
-            times[use_candidate].append(step()[0])
-    nn.Conv2d.forward = stock_forward
+    nn.Conv2d.forward = forward
+    try:
+        _, stock_grads = step()
+        use_candidate = True
+        _, candidate_grads = step()
+        times: dict[bool, list[float]] = {False: [], True: []}
+        for _ in range(steps):
+            for use_candidate in (False, True):
+                times[use_candidate].append(step()[0])
+    finally:
+        nn.Conv2d.forward = stock_forward
     return {
         "onednn_step_s": round(statistics.median(times[False]), 3),
         "shifted_step_s": round(statistics.median(times[True]), 3),

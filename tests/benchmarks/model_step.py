@@ -262,7 +262,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--allocator", choices=["tcmalloc", "system"], default="tcmalloc")
     parser.add_argument("--peak", action="store_true", help="matmul peaks, FLOPs per step, fraction of peak")
     parser.add_argument("--compile", action="store_true", help="torch.compile the blocks (VDVAE.compile_blocks)")
-    parser.add_argument("--compile-mode", default=None, choices=["default", "max-autotune", "max-autotune-no-cudagraphs"],
+    parser.add_argument("--compile-mode", choices=["default", "max-autotune", "max-autotune-no-cudagraphs"],
                         help="with --compile: torch.compile's mode (default: torch's default)")
     parser.add_argument("--tf32", action="store_true", help="CUDA: allow TF32 matmuls and convolutions")
     parser.add_argument("--max-batch", action="store_true", help="CUDA: search the largest batch that fits")
