@@ -117,7 +117,9 @@ def model_side_by_side(steps: int) -> dict:
     model = VDVAE(get_preset("cifar10").model)
     images = torch.randint(0, 256, (8, 32, 32, 3), dtype=torch.uint8)
 
-    def step() -> tuple[float, list[torch.Tensor]]:
+    def step(candidate: bool) -> tuple[float, list[torch.Tensor]]:
+        nonlocal use_candidate
+        use_candidate = candidate  # read by the patched forward
         torch.manual_seed(1)  # the same latent noise each way
         start = time.perf_counter()
         model(images).elbo.backward()
@@ -128,13 +130,12 @@ def model_side_by_side(steps: int) -> dict:
 
     nn.Conv2d.forward = forward
     try:
-        _, stock_grads = step()
-        use_candidate = True
-        _, candidate_grads = step()
+        _, stock_grads = step(False)
+        _, candidate_grads = step(True)
         times: dict[bool, list[float]] = {False: [], True: []}
         for _ in range(steps):
-            for use_candidate in (False, True):
-                times[use_candidate].append(step()[0])
+            for candidate in (False, True):
+                times[candidate].append(step(candidate)[0])
     finally:
         nn.Conv2d.forward = stock_forward
     return {

@@ -204,7 +204,7 @@ _MATMUL_CONV_OPS = frozenset({
 })
 
 
-def print_profile(model: VDVAE, images: torch.Tensor, device: torch.device, dtype: str, rows: int) -> float:
+def profile_step(model: VDVAE, images: torch.Tensor, device: torch.device, dtype: str, rows: int) -> float:
     """Print the top `rows` ops of one step (by self time) to stderr; return the share of that
     step's wall time that its matmuls and convolutions took (self time: their own kernels)."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -342,7 +342,7 @@ def main() -> None:
             "fraction_of_peak_cpu_time": round(flops / cpu_median / 1e12 / peaks[args.dtype][1], 4),
         })
     if args.profile:
-        share = print_profile(model, images, device, args.dtype, args.profile)
+        share = profile_step(model, images, device, args.dtype, args.profile)
         result["matmul_conv_share"] = round(share, 4)
         if args.peak:  # the fraction the step would reach if all its other work took no time
             result["matmul_conv_fraction_of_peak"] = round(result["fraction_of_peak"] / share, 4)
