@@ -6,8 +6,9 @@ the same ELBO on the same weights and latent noise. What differs is how it
 runs (each measured in tests/benchmarks/RESULTS.md):
 - one activation layout (channels last) and one activation dtype, so that
   no add or concat falls off its fast path;
-- every 1x1 conv as one matmul (`addmm`, bias fused) over the pixel rows of
-  that layout, at the GEMM's speed instead of a 1x1 convolution's;
+- every 1x1 conv in the faster of two forms for the machine: one matmul
+  (`addmm`, bias fused) over the pixel rows of that layout, or oneDNN's 1x1
+  convolution (see `conv1x1_form`);
 - splits instead of slices of one output (the prior's, the DMoL's), whose
   backward writes one gradient instead of a zero-filled one per slice;
 - the posterior's first 1x1 conv split by input channels, so that
@@ -79,6 +80,42 @@ def _conv(in_ch: int, out_ch: int, kernel: int, zero_weights: bool = False,
     return conv
 
 
+def _cpu_conv1x1_form() -> str:
+    """The faster form of the model's 1x1 convs on this CPU, as measured (conv1x1.py, RESULTS.md).
+
+    oneDNN's convolution on AVX-512 CPUs without AMX: on the AMD EPYC with
+    avx512_bf16, the whole cifar10 step 5 % (fp32) and 6 % (bf16) faster than as
+    matmuls. The matmul elsewhere: on the AMX Xeon it was at least as fast, and
+    no other kind has been measured against the convolution.
+    """
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return "conv" if torch.backends.cpu.get_cpu_capability() == "AVX512" and not amx else "matmul"
+
+
+CONV1X1_FORMS = ("matmul", "conv")
+_CONV1X1_BY_DEVICE = {"cpu": _cpu_conv1x1_form()}  # read once: compiled blocks read it as a constant
+_conv1x1_forced: str | None = None
+
+
+def conv1x1_form(device_type: str) -> str:
+    """How the model computes its 1x1 convs on this device type: 'matmul' or 'conv'.
+
+    Both give the official conv's result within float rounding, with the same
+    parameters; which is faster depends on the machine (`_cpu_conv1x1_form`).
+    On CUDA, the matmul until the GPU check has measured both.
+    """
+    return _conv1x1_forced or _CONV1X1_BY_DEVICE.get(device_type, "matmul")
+
+
+def set_conv1x1_form(form: str | None) -> None:
+    """Use `form` ('matmul' or 'conv') on every device, or None for each machine's own choice:
+    for benchmarks and tests that compare the two in one process."""
+    if form is not None and form not in CONV1X1_FORMS:
+        raise ValueError(f"conv1x1 form must be one of {CONV1X1_FORMS} or None, not {form!r}")
+    global _conv1x1_forced
+    _conv1x1_forced = form
+
+
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """(N, C, H, W) -> its (N*H*W, C) pixel rows: a view of channels-last storage."""
     return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
@@ -91,31 +128,36 @@ def _from_rows(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 class _Conv1x1(nn.Conv2d):
-    """A 1x1 conv computed as one matmul over the pixel rows of channels-last activations.
+    """A 1x1 conv on channels-last activations, in the machine's form (`conv1x1_form`).
 
-    In NHWC storage a 1x1 conv is `rows @ W.T + b` on the (N*H*W, C) view:
-    as `addmm` it runs at the GEMM's speed (bf16: about twice a 1x1 oneDNN
-    convolution here) with the bias fused, and the weight gradient is a plain
-    (out, in) matrix, never relaid. Same parameters as the official nn.Conv2d.
+    As a matmul: in NHWC storage a 1x1 conv is `rows @ W.T + b` on the (N*H*W, C)
+    view, one `addmm` with the bias fused, and the weight gradient is a plain
+    (out, in) matrix, never relaid. As a convolution: oneDNN's, channels last in
+    and out. Same parameters as the official nn.Conv2d either way.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if conv1x1_form(x.device.type) == "conv":
+            return F.conv2d(_channels_last(x), self.weight, self.bias)
         return _from_rows(F.linear(_rows(x), self.weight.flatten(1), self.bias), x)
 
 
 class _SplitInputConv(_Conv1x1):
     """A 1x1 conv over the channel concatenation [a, b], computed without building it.
 
-    Same parameters as the official conv on `cat([a, b])`: the b half of the
-    weight and the bias in one matmul, the a half accumulated into it by
-    `addmm` (no separate add).
+    Same parameters as the official conv on `cat([a, b])`. As matmuls: the b
+    half of the weight and the bias in one matmul, the a half accumulated into
+    it by `addmm` (no separate add). As convolutions: one per half, summed (an
+    add over the narrow output, not a copy of the wide input).
     """
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         # split, not slices: the backward of split is one concatenation, that of a
         # slice a zero-filled full-size gradient per slice, then their sum
-        weight_a, weight_b = self.weight.flatten(1).split([a.shape[1], b.shape[1]], dim=1)
-        out = torch.addmm(F.linear(_rows(b), weight_b, self.bias), _rows(a), weight_a.t())
+        weight_a, weight_b = self.weight.split([a.shape[1], b.shape[1]], dim=1)
+        if conv1x1_form(a.device.type) == "conv":
+            return F.conv2d(_channels_last(b), weight_b, self.bias) + F.conv2d(_channels_last(a), weight_a)
+        out = torch.addmm(F.linear(_rows(b), weight_b.flatten(1), self.bias), _rows(a), weight_a.flatten(1).t())
         return _from_rows(out, a)
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from model import VDVAE, dmol_nll, gaussian_kl, get_preset
+from model import vdvae
 from model.likelihood import dmol_sample
 
 
@@ -292,6 +293,45 @@ def test_sample_from_latents(tiny_config, images):
     assert torch.equal(a, b)
     with pytest.raises(ValueError, match="num_groups"):
         model.sample_from_latents(images, groups + 1)
+
+
+# -- 1x1 conv forms -------------------------------------------------------------------------
+
+@pytest.fixture
+def conv1x1_form():
+    """Set the 1x1 conv form for one test; the machine's own choice again after it."""
+    yield vdvae.set_conv1x1_form
+    vdvae.set_conv1x1_form(None)
+
+
+def test_both_1x1_forms_give_the_official_result(tiny_config, images, conv1x1_form):
+    """Whichever form a machine uses (matmul over pixel rows, or oneDNN's convolution), the loss
+    and gradients are the same within fp32 rounding, and activations stay channels last."""
+    model = seeded_model(tiny_config)
+    with torch.no_grad():  # non-zero biases and last layers, as a trained model has them
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    results, layouts = {}, {}
+    for form in vdvae.CONV1X1_FORMS:
+        conv1x1_form(form)
+        assert vdvae.conv1x1_form("cpu") == form
+        seen = []
+        hooks = [m.register_forward_hook(lambda m, args, out: seen.append(out.is_contiguous(
+            memory_format=torch.channels_last))) for m in model.modules() if isinstance(m, vdvae._Conv1x1)]
+        results[form] = loss_and_grads(model, images)
+        for hook in hooks:
+            hook.remove()
+        layouts[form] = seen
+    (matmul, matmul_grads), (conv, conv_grads) = results["matmul"], results["conv"]
+    assert layouts["conv"] and all(layouts["conv"]) and all(layouts["matmul"])
+    assert torch.allclose(matmul.per_image_elbo, conv.per_image_elbo, rtol=1e-6)
+    for name, grad in matmul_grads.items():
+        assert torch.allclose(conv_grads[name], grad, rtol=1e-4, atol=1e-6), name
+
+
+def test_unknown_1x1_form_is_refused(conv1x1_form):
+    with pytest.raises(ValueError, match="'matmul', 'conv'"):
+        conv1x1_form("winograd")
 
 
 # -- compilation -----------------------------------------------------------------------------

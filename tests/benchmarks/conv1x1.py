@@ -1,0 +1,131 @@
+"""The model's 1x1 convs in their two forms, side by side in one process: which is faster here.
+
+    python tests/benchmarks/conv1x1.py
+    python tests/benchmarks/conv1x1.py --model-steps 8 --dtype bf16
+
+The model computes a 1x1 conv either as one matmul over the pixel rows of its
+channels-last activations or as oneDNN's 1x1 convolution, by machine
+(`model.vdvae.conv1x1_form`). Without --model-steps, this times forward +
+backward of each cifar10 batch-8 1x1 shape at 32 px both ways (median of 15,
+after warm-up), in fp32 and bf16, and prints one JSON line per shape: each
+form's milliseconds and TFLOP/s, and matmul / conv (above 1: the convolution
+is faster). The posterior's first conv (768 -> 96) is timed as the model runs
+it: split by input halves.
+
+--model-steps N times the whole cifar10 batch-8 training step (with tcmalloc, as
+model_step.py does) N times in each form, alternating in one process, and
+prints the medians, the median of the paired ratios (matmul / conv) and the
+largest relative difference between the two forms' gradients.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from model import VDVAE, get_preset  # noqa: E402
+from model.vdvae import CONV1X1_FORMS, _Conv1x1, _SplitInputConv, conv1x1_form, set_conv1x1_form  # noqa: E402
+from pipeline.runtime import active_allocator, reexec_with_fast_allocator  # noqa: E402
+
+# (in, out) at 32 px: a block's first and last conv, the prior's last (2*zdim + width),
+# z_proj, the output head (10 * mixtures); (768, 96) is the posterior's split first conv
+SHAPES = ((384, 96), (96, 384), (96, 416), (16, 384), (384, 100), (768, 96))
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def median_ms(fn, repeats: int = 15) -> float:
+    for _ in range(3):  # oneDNN builds its primitive on the first call
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def single_convs(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    for c_in, c_out in SHAPES:
+        split = c_in == 768
+        conv = (_SplitInputConv if split else _Conv1x1)(c_in, c_out, 1).to(dtype)
+        inputs = [torch.randn(8, c_in // 2 if split else c_in, 32, 32, dtype=dtype)
+                  .contiguous(memory_format=torch.channels_last).requires_grad_() for _ in range(2 if split else 1)]
+        grad = torch.randn(8, c_out, 32, 32, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        flops = 3 * 2 * 8 * 32 * 32 * c_in * c_out  # forward, input gradient, weight gradient
+        line: dict = {"dtype": str(dtype).removeprefix("torch."), "in": c_in, "out": c_out, "split_input": split}
+        for form in CONV1X1_FORMS:
+            set_conv1x1_form(form)
+            ms = median_ms(lambda: conv(*inputs).backward(grad))
+            line[f"{form}_ms"] = round(ms, 2)
+            line[f"{form}_tflops"] = round(flops / ms / 1e9, 4)
+        line["matmul_over_conv"] = round(line["matmul_ms"] / line["conv_ms"], 3)
+        print(json.dumps(line), flush=True)
+    set_conv1x1_form(None)
+
+
+def model_side_by_side(steps: int, dtype: str) -> dict:
+    torch.manual_seed(0)
+    model = VDVAE(get_preset("cifar10").model)
+    images = torch.randint(0, 256, (8, 32, 32, 3), dtype=torch.uint8)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16")
+
+    def step(form: str) -> tuple[float, list[torch.Tensor]]:
+        set_conv1x1_form(form)
+        torch.manual_seed(1)  # the same latent noise each way
+        start = time.perf_counter()
+        with autocast:
+            loss = model(images).elbo
+        loss.backward()
+        spent = time.perf_counter() - start
+        grads = [p.grad for p in model.parameters()]
+        model.zero_grad(set_to_none=True)
+        return spent, grads
+
+    try:
+        grads = {form: step(form)[1] for form in CONV1X1_FORMS}  # warm-up, and the gradients
+        times: dict[str, list[float]] = {form: [] for form in CONV1X1_FORMS}
+        for _ in range(steps):
+            for form in CONV1X1_FORMS:
+                times[form].append(step(form)[0])
+    finally:
+        set_conv1x1_form(None)
+    return {
+        "dtype": dtype,
+        "matmul_step_s": round(statistics.median(times["matmul"]), 3),
+        "conv_step_s": round(statistics.median(times["conv"]), 3),
+        "paired_matmul_over_conv": round(statistics.median(a / b for a, b in zip(times["matmul"], times["conv"])), 4),
+        "max_rel_grad_diff": max(float((a - b).abs().max() / a.abs().max().clamp_min(1e-30))
+                                 for a, b in zip(grads["matmul"], grads["conv"])),
+        "this_machine_uses": conv1x1_form("cpu"),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-steps", type=int, default=0, metavar="N",
+                        help="time the cifar10 b8 step N times in each form instead of single convs")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="fp32 or bf16 autocast (default: both for single convs, fp32 for --model-steps)")
+    args = parser.parse_args()
+    if args.model_steps < 0:
+        parser.error("--model-steps must be at least 0")
+    if args.model_steps:
+        reexec_with_fast_allocator()  # the pipeline's allocator, as model_step.py runs it
+        result = model_side_by_side(args.model_steps, args.dtype or "fp32")
+        print(json.dumps({**result, "allocator": active_allocator()}), flush=True)
+        return
+    for name in [args.dtype] if args.dtype else list(DTYPES):
+        single_convs(DTYPES[name])
+
+
+if __name__ == "__main__":
+    main()
