@@ -6,7 +6,9 @@ on how many ranks, from which code (the git commit and whether the tree
 had uncommitted changes), with which versions of the packages whose
 behaviour the numbers depend on, on which data (the sha256 of each split's
 manifest, which names every shard and its digest), with which DeepSpeed
-JSON, and from what it continued (a checkpoint, a weights file, nothing).
+JSON, in which form the model's 1x1 convs ran on its device (matmul or
+convolution: the same result within float rounding), and from what it
+continued (a checkpoint, a weights file, nothing).
 """
 
 from __future__ import annotations
@@ -56,13 +58,13 @@ def manifest_digests(data: str) -> dict[str, str]:
             for split in ("train", "valid")}
 
 
-def start_record(config, world: int, deepspeed_json: dict, started_from: dict) -> dict:
+def start_record(config, world: int, deepspeed_json: dict, started_from: dict, conv1x1_form: str) -> dict:
     """The line for this start. `started_from`: {"checkpoint": tag, "step": n}, or what the run was
     initialised from, or {} for a run from scratch."""
     return {"time": datetime.now().astimezone().isoformat(timespec="seconds"), "world_size": world,
             "code": code_version(), "packages": package_versions(), "data": config.data,
             "manifests_sha256": manifest_digests(config.data), "deepspeed": deepspeed_json,
-            "started_from": started_from}
+            "conv1x1_form": conv1x1_form, "started_from": started_from}
 
 
 def record_start(run_dir: str | Path, record: dict) -> None:

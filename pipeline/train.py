@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from data_prep.storage import LocalStore
+from model.vdvae import conv1x1_form
 
 from .checkpoint import Checkpointer
 from .config import RunConfig, precision_warning, validate_run
@@ -151,7 +152,8 @@ class Trainer:
             started_from = {name: getattr(self.config, name) for name in ("init", "init_ema", "init_official")
                             if getattr(self.config, name, "")}
         ds = self.config.deepspeed_config(self.world, on_gpu=self.device.type == "cuda")
-        record_start(self.config.run_dir, start_record(self.config, self.world, ds, started_from))
+        record_start(self.config.run_dir, start_record(self.config, self.world, ds, started_from,
+                                                       conv1x1_form(self.device.type)))
 
     def _save_config(self) -> None:
         if self.rank == 0:

@@ -145,6 +145,9 @@ def test_cpu_mode_passes_every_stage_with_its_figures(tmp_path):
                                                          "cifar10-model-ema.th"}
     step = stages["model_step_cifar10_b1_fp32"]["figures"]
     assert step["dtype"] == "fp32" and step["device"] == "cpu" and step["median_step_s"] > 0
+    forms = stages["conv1x1_forms"]["figures"]
+    assert forms["machine_form"] in ("matmul", "conv") and len(forms["matmul_over_conv"]) == 6
+    assert all(line["device"] == "cpu" and line["dtype"] == "float32" for line in forms["lines"])
 
     logs = Path(doc["logs"])
     assert logs == tmp_path / "gpu_check_logs"

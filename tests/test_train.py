@@ -172,6 +172,7 @@ def test_sigusr1_on_one_rank_saves_and_exits_for_requeue_on_all(data, tmp_path, 
             split: hashlib.sha256((Path(data["data"]) / split / "manifest.json").read_bytes()).hexdigest()
             for split in ("train", "valid")}
         assert len(start["code"]["commit"] or "") == 40 and isinstance(start["code"]["dirty"], bool)
+        assert start["conv1x1_form"] in ("matmul", "conv")
 
 
 @pytest.mark.parametrize("stage", [2])  # (stage 3, reentrant: tests/test_zero3.py against plain PyTorch)

@@ -32,6 +32,8 @@ Stages (`--list` prints them for a mode):
   official_<preset>_b<B>_<dtype>  tests/gpu/official_step.py: the official model's step, with
                       --official-src (reported as not run without it)
   max_batch_ffhq1024_bf16_ckpt_all  (GPU) model_step.py --max-batch --checkpointing all
+  conv1x1_forms       tests/benchmarks/conv1x1.py: the model's 1x1 convs as matmuls and as convolutions,
+                      matmul / conv time per shape (which form this device should use; CPU: fp32, 2 calls)
 
 GPU mode runs the training stages side by side (one GPU holds them all) and then the timing stages
 one at a time, alone on the machine. CPU mode (--cpu) runs the same sequence shortened: the tiny
@@ -76,6 +78,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL_STEP = ROOT / "tests/benchmarks/model_step.py"
+CONV1X1 = ROOT / "tests/benchmarks/conv1x1.py"
 OFFICIAL_STEP = ROOT / "tests/gpu/official_step.py"
 REQUEUE_EXIT_CODE = 85  # pipeline.distributed.REQUEUE_EXIT_CODE (not imported: the driver loads no torch)
 CONFIG_ERROR_EXIT_CODE = 2
@@ -137,6 +140,8 @@ class Plan:
     peak: bool
     max_parallel: int
     train_threads: int
+    conv1x1_args: tuple[str, ...]
+    """conv1x1.py's arguments besides --device."""
     timeouts: dict[str, float] = field(default_factory=dict)
 
 
@@ -147,9 +152,9 @@ GPU_PLAN = Plan(
     benches=tuple(Bench(p, b, d) for p, b in (("cifar10", 16), ("ffhq256", 1), ("ffhq1024", 1))
                   for d in ("fp32", "bf16")),
     compiled_benches=tuple(Bench(p, b, "bf16", True) for p, b in (("cifar10", 16), ("ffhq256", 1), ("ffhq1024", 1))),
-    bench_steps=10, bench_warmup=3, peak=True, max_parallel=8, train_threads=4,
+    bench_steps=10, bench_warmup=3, peak=True, max_parallel=8, train_threads=4, conv1x1_args=(),
     timeouts={"environment": 60, "prep": 60, "train": 180, "cut_resume": 240, "compare": 10, "use": 90,
-              "train_compile": 240, "bench": 60, "bench_compile": 150, "max_batch": 120},
+              "train_compile": 240, "bench": 60, "bench_compile": 150, "max_batch": 120, "conv1x1": 60},
 )
 CPU_PLAN = Plan(
     gpu=False, image_size=8, num_images=48, num_valid=8, samples_per_shard=16, steps=6, signal_after=2,
@@ -160,8 +165,9 @@ CPU_PLAN = Plan(
     benches=(Bench("cifar10", 1, "fp32"),),
     compiled_benches=(),
     bench_steps=1, bench_warmup=0, peak=False, max_parallel=3, train_threads=1,
+    conv1x1_args=("--dtype", "fp32", "--repeats", "2"),
     timeouts={"environment": 60, "prep": 60, "train": 150, "cut_resume": 200, "compare": 10, "use": 90,
-              "fp16_refused": 90, "bench": 120},
+              "fp16_refused": 90, "bench": 120, "conv1x1": 60},
 )
 
 
@@ -390,6 +396,8 @@ class Check:
                                 t["bench"], ("environment",), exclusive=plan.gpu, after=after))
             stages.append(Stage(f"official_{bench.key}", lambda c, b=bench: self.stage_official(c, b), t["bench"],
                                 ("environment",), exclusive=plan.gpu, not_run=no_official, after=after))
+        stages.append(Stage("conv1x1_forms", self.stage_conv1x1, t["conv1x1"], ("environment",),
+                            exclusive=plan.gpu, after=after))
         compiled = [Stage(f"model_step_{b.key}", lambda c, b=b: self.stage_model_step(c, b), t["bench_compile"],
                           ("environment",), exclusive=True, min_time=60) for b in plan.compiled_benches]
         max_batch = Stage("max_batch_ffhq1024_bf16_ckpt_all", self.stage_max_batch, t.get("max_batch", 0),
@@ -653,6 +661,18 @@ class Check:
                bench.preset, "--batch", str(bench.batch), "--dtype", bench.dtype, *self.device_args(),
                "--steps", str(plan.bench_steps), "--warmup", str(plan.bench_warmup)]
         return self.timing(ctx, cmd, "official_step.py")
+
+    def stage_conv1x1(self, ctx: StageContext) -> dict:
+        cmd = [sys.executable, str(CONV1X1), *self.device_args(), *self.plan.conv1x1_args]
+        code, out = ctx.run(cmd, self.env(), "conv1x1.py")
+        if code != 0:
+            error = next((line.strip() for line in reversed(out.splitlines()) if line.strip()), "")
+            raise Failed(f"conv1x1.py exited with {code}: {error[-300:]}")
+        lines = [json.loads(line) for line in out.splitlines() if line.startswith("{") and line.endswith("}")]
+        ratios = {f"{x['dtype']}_{x['in']}x{x['out']}": x["matmul_over_conv"] for x in lines}
+        if not lines or not all(isinstance(r, (int, float)) and r > 0 for r in ratios.values()):
+            raise Failed("no positive matmul_over_conv in its JSON lines", {"lines": lines})
+        return {"machine_form": lines[0]["machine_form"], "matmul_over_conv": ratios, "lines": lines}
 
     def stage_max_batch(self, ctx: StageContext) -> dict:
         cmd = [sys.executable, str(MODEL_STEP), "--preset", "ffhq1024", "--batch", "1", "--dtype", "bf16",
