@@ -7,7 +7,7 @@ runs (each measured in tests/benchmarks/RESULTS.md):
 - one activation layout (channels last) and one activation dtype, so that
   no add or concat falls off its fast path;
 - every 1x1 conv in the faster of two forms for the machine: one matmul
-  (`addmm`, bias fused) over the pixel rows of that layout, or oneDNN's 1x1
+  (`addmm`, bias fused) over the pixel rows of that layout, or a 1x1
   convolution (see `conv1x1_form`);
 - splits instead of slices of one output (the prior's, the DMoL's), whose
   backward writes one gradient instead of a zero-filled one per slice;
@@ -84,9 +84,10 @@ def _cpu_conv1x1_form() -> str:
     """The faster form of the model's 1x1 convs on this CPU, as measured (conv1x1.py, RESULTS.md).
 
     oneDNN's convolution on AVX-512 CPUs without AMX: on the AMD EPYC with
-    avx512_bf16, the whole cifar10 step 5 % (fp32) and 6 % (bf16) faster than as
-    matmuls. The matmul elsewhere: on the AMX Xeon it was at least as fast, and
-    no other kind has been measured against the convolution.
+    avx512_bf16, each 1x1 shape of the model 3-56 % faster as a convolution, the
+    whole cifar10 step about 4 % (fp32) and 6 % (bf16). The matmul elsewhere: on
+    the AMX Xeon the two measured the same (2026-12-02), and no other kind has
+    been measured against the convolution.
     """
     amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
     return "conv" if torch.backends.cpu.get_cpu_capability() == "AVX512" and not amx else "matmul"
@@ -132,8 +133,9 @@ class _Conv1x1(nn.Conv2d):
 
     As a matmul: in NHWC storage a 1x1 conv is `rows @ W.T + b` on the (N*H*W, C)
     view, one `addmm` with the bias fused, and the weight gradient is a plain
-    (out, in) matrix, never relaid. As a convolution: oneDNN's, channels last in
-    and out. Same parameters as the official nn.Conv2d either way.
+    (out, in) matrix, never relaid. As a convolution: the library's (oneDNN on a
+    CPU), channels last in and out. Same parameters as the official nn.Conv2d
+    either way.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

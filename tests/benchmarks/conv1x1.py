@@ -4,7 +4,8 @@
     python tests/benchmarks/conv1x1.py --model-steps 8 --dtype bf16
 
 The model computes a 1x1 conv either as one matmul over the pixel rows of its
-channels-last activations or as oneDNN's 1x1 convolution, by machine
+channels-last activations or as a 1x1 convolution (oneDNN's on a CPU, cuDNN's on
+a GPU), by machine
 (`model.vdvae.conv1x1_form`). Without --model-steps, this times forward +
 backward of each cifar10 batch-8 1x1 shape at 32 px both ways (median of
 --repeats, after warm-up), in fp32 and bf16, and prints one JSON line per
