@@ -336,14 +336,17 @@ def test_unknown_1x1_form_is_refused(conv1x1_form):
 
 # -- compilation -----------------------------------------------------------------------------
 
-def test_compiled_blocks_match_eager(tiny_config, images):
+@pytest.mark.parametrize("form", vdvae.CONV1X1_FORMS)
+def test_compiled_blocks_match_eager(tiny_config, images, conv1x1_form, form):
     """Compiled blocks (dynamo and AOTAutograd, eager kernels: the graphs that inductor would
-    compile) give the same loss and gradients as eager, with and without checkpointing.
+    compile) give the same loss and gradients as eager, with and without checkpointing, with
+    the 1x1 convs in either form.
 
     One compilation serves both: non-reentrant checkpointing replays the
     same graphs. No graph breaks; parameter names and copies unaffected.
     Inductor's kernels: test_gpu_ready's compile=true run, checkpointed.
     """
+    conv1x1_form(form)
     model = seeded_model(tiny_config)
     eager, eager_grads = loss_and_grads(model, images)
     keys = list(model.state_dict())
