@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from model import VDVAE, dmol_nll, gaussian_kl, get_preset
-from model import vdvae
+from model import VDVAE, dmol_nll, gaussian_kl, get_preset, vdvae
 from model.likelihood import dmol_sample
 
 
