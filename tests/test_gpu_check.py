@@ -147,6 +147,7 @@ def test_cpu_mode_passes_every_stage_with_its_figures(tmp_path):
     assert step["dtype"] == "fp32" and step["device"] == "cpu" and step["median_step_s"] > 0
     forms = stages["conv1x1_forms"]["figures"]
     assert forms["machine_form"] in ("matmul", "conv") and len(forms["matmul_over_conv"]) == 6
+    assert step["conv1x1_form"] == forms["machine_form"]
     assert all(line["device"] == "cpu" and line["dtype"] == "float32" for line in forms["lines"])
 
     logs = Path(doc["logs"])

@@ -33,6 +33,10 @@ warmup covers it. --compile-mode passes torch.compile's `mode`
 (max-autotune: inductor times its own GEMM kernels against ATen's for each
 matmul shape, and compiles for longer).
 
+`conv1x1_form` names the form of the model's 1x1 convs on this device
+(model.vdvae.conv1x1_form: matmul or convolution; tests/benchmarks/conv1x1.py
+compares them).
+
 --allocator tcmalloc (the default) runs with the allocator that the
 pipeline gives its compute processes (pipeline/runtime.py); --allocator
 system runs with the system's malloc.
@@ -73,6 +77,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from model import VDVAE, get_preset  # noqa: E402
+from model.vdvae import conv1x1_form  # noqa: E402
 from pipeline.runtime import active_allocator, reexec_with_fast_allocator  # noqa: E402
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -360,6 +365,7 @@ def main() -> None:
         "device": args.device,
         "device_name": device_name(device),
         "compile": args.compile,
+        "conv1x1_form": conv1x1_form(device.type),
         **({"compile_mode": args.compile_mode} if args.compile_mode else {}),
         "steps": args.steps,
         **result,
