@@ -18,12 +18,14 @@ otherwise use it and the matmuls not), so fp32 compares like with like.
 --model-steps N times the whole cifar10 batch-8 training step (with tcmalloc, as
 model_step.py does) N times in each form, alternating in one process, and
 prints the medians, the median of the paired ratios (matmul / conv) and the
-largest relative difference between the two forms' gradients.
+largest relative difference between the two forms' gradients
+(model_step.alternating_steps).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -36,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from model import VDVAE, get_preset  # noqa: E402
 from model.vdvae import CONV1X1_FORMS, _Conv1x1, _SplitInputConv, conv1x1_form, set_conv1x1_form  # noqa: E402
 from pipeline.runtime import active_allocator, reexec_with_fast_allocator  # noqa: E402
+from model_step import alternating_steps, synchronize  # noqa: E402  (this folder)
 
 # (in, out) at 32 px: a block's first and last conv, the prior's last (2*zdim + width),
 # z_proj, the output head (10 * mixtures); (768, 96) is the posterior's split first conv
@@ -54,11 +57,6 @@ def median_ms(fn, device: torch.device, repeats: int) -> float:
         synchronize(device)
         times.append(time.perf_counter() - start)
     return 1e3 * statistics.median(times)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def single_convs(dtype: torch.dtype, device: torch.device, repeats: int) -> None:
@@ -95,38 +93,13 @@ def model_side_by_side(steps: int, dtype: str) -> dict:
     torch.manual_seed(0)
     model = VDVAE(get_preset("cifar10").model)
     images = torch.randint(0, 256, (8, 32, 32, 3), dtype=torch.uint8)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16")
-
-    def step(form: str) -> tuple[float, list[torch.Tensor]]:
-        set_conv1x1_form(form)
-        torch.manual_seed(1)  # the same latent noise each way
-        start = time.perf_counter()
-        with autocast:
-            loss = model(images).elbo
-        loss.backward()
-        spent = time.perf_counter() - start
-        grads = [p.grad for p in model.parameters()]
-        model.zero_grad(set_to_none=True)
-        return spent, grads
-
     try:
-        grads = {form: step(form)[1] for form in CONV1X1_FORMS}  # warm-up, and the gradients
-        times: dict[str, list[float]] = {form: [] for form in CONV1X1_FORMS}
-        for _ in range(steps):
-            for form in CONV1X1_FORMS:
-                times[form].append(step(form)[0])
+        result = alternating_steps(model, images, torch.device("cpu"), dtype,
+                                   {form: functools.partial(set_conv1x1_form, form) for form in CONV1X1_FORMS},
+                                   steps)
     finally:
         set_conv1x1_form(None)
-    return {
-        "dtype": dtype,
-        "matmul_step_s": round(statistics.median(times["matmul"]), 3),
-        "conv_step_s": round(statistics.median(times["conv"]), 3),
-        "paired_matmul_over_conv": round(statistics.median(a / b for a, b in zip(times["matmul"], times["conv"])), 4),
-        "max_rel_grad_diff": max(float((a - b).abs().max() / a.abs().max().clamp_min(1e-30))
-                                 for a, b in zip(grads["matmul"], grads["conv"])),
-        "this_machine_uses": conv1x1_form("cpu"),
-        "threads": torch.get_num_threads(),
-    }
+    return {"dtype": dtype, **result, "this_machine_uses": conv1x1_form("cpu")}
 
 
 def main() -> None:

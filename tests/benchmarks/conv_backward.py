@@ -14,7 +14,7 @@ model_step.py does), N times each way, alternating in one process: the model's 3
 with oneDNN's backward, and with a backward whose weight gradient is `shifted_weight_grad` (where
 a conv has at least 8192 pixel rows; oneDNN's input gradient either way). It prints the medians,
 the median of the paired ratios (oneDNN's time over the candidate's) and the largest relative
-gradient difference. A kernel that wins alone can lose inside the model, whose activations are
+gradient difference (model_step.alternating_steps). A kernel that wins alone can lose inside the model, whose activations are
 not in cache.
 """
 
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from model import VDVAE, get_preset  # noqa: E402
 from pipeline.runtime import active_allocator, reexec_with_fast_allocator  # noqa: E402
+from model_step import alternating_steps  # noqa: E402  (this folder)
 
 SHAPES = ((8, 96, 32), (8, 96, 16))  # cifar10 at batch 8: the blocks' 3x3 convs at 32 and 16 px
 
@@ -113,39 +113,19 @@ def model_side_by_side(steps: int) -> dict:
             return _ShiftedConv3x3.apply(x, conv.weight, conv.bias)
         return stock_forward(conv, x)
 
+    def choose(candidate: bool) -> None:
+        nonlocal use_candidate
+        use_candidate = candidate  # read by the patched forward
+
     torch.manual_seed(0)
     model = VDVAE(get_preset("cifar10").model)
     images = torch.randint(0, 256, (8, 32, 32, 3), dtype=torch.uint8)
-
-    def step(candidate: bool) -> tuple[float, list[torch.Tensor]]:
-        nonlocal use_candidate
-        use_candidate = candidate  # read by the patched forward
-        torch.manual_seed(1)  # the same latent noise each way
-        start = time.perf_counter()
-        model(images).elbo.backward()
-        spent = time.perf_counter() - start
-        grads = [p.grad for p in model.parameters()]
-        model.zero_grad(set_to_none=True)
-        return spent, grads
-
     nn.Conv2d.forward = forward
     try:
-        _, stock_grads = step(False)
-        _, candidate_grads = step(True)
-        times: dict[bool, list[float]] = {False: [], True: []}
-        for _ in range(steps):
-            for candidate in (False, True):
-                times[candidate].append(step(candidate)[0])
+        return alternating_steps(model, images, torch.device("cpu"), "fp32",
+                                 {"onednn": lambda: choose(False), "shifted": lambda: choose(True)}, steps)
     finally:
         nn.Conv2d.forward = stock_forward
-    return {
-        "onednn_step_s": round(statistics.median(times[False]), 3),
-        "shifted_step_s": round(statistics.median(times[True]), 3),
-        "paired_ratio": round(statistics.median(a / b for a, b in zip(times[False], times[True])), 4),
-        "max_rel_grad_diff": max(float((a - b).abs().max() / a.abs().max().clamp_min(1e-30))
-                                 for a, b in zip(stock_grads, candidate_grads)),
-        "threads": torch.get_num_threads(),
-    }
 
 
 def main() -> None:

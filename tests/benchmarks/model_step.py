@@ -68,6 +68,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
 import torch
@@ -181,6 +182,41 @@ def train_step(model: VDVAE, images: torch.Tensor, device: torch.device, dtype: 
     loss.backward()
     model.zero_grad(set_to_none=True)
     return loss.detach()
+
+
+def alternating_steps(model: VDVAE, images: torch.Tensor, device: torch.device, dtype: str,
+                      variants: dict[str, Callable[[], object]], steps: int) -> dict:
+    """Two variants of one model's training step, alternating in one process: `variants[name]()`
+    switches the model to that variant. After one warm-up step each (whose gradients are compared),
+    `steps` steps each; returns each variant's median step seconds, the median of the paired ratios
+    (the first variant's time over the second's) and the largest relative gradient difference."""
+    first, second = variants
+
+    def step(name: str) -> tuple[float, list[torch.Tensor]]:
+        variants[name]()
+        torch.manual_seed(1)  # the same latent noise each way
+        clock = Clock(device)
+        with autocast_for(device, dtype):
+            loss = model(images).elbo
+        loss.backward()
+        wall = clock.stop().wall
+        grads = [p.grad for p in model.parameters()]
+        model.zero_grad(set_to_none=True)
+        return wall, grads
+
+    grads = {name: step(name)[1] for name in variants}
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(steps):
+        for name in variants:
+            times[name].append(step(name)[0])
+    return {
+        f"{first}_step_s": round(statistics.median(times[first]), 3),
+        f"{second}_step_s": round(statistics.median(times[second]), 3),
+        f"paired_{first}_over_{second}": round(statistics.median(a / b for a, b in zip(times[first], times[second])), 4),
+        "max_rel_grad_diff": max(float((a - b).abs().max() / a.abs().max().clamp_min(1e-30))
+                                 for a, b in zip(grads[first], grads[second])),
+        "threads": torch.get_num_threads(),
+    }
 
 
 def timed_step(model: VDVAE, images: torch.Tensor, device: torch.device, dtype: str) -> Interval:

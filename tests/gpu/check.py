@@ -275,6 +275,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def last_line(text: str) -> str:
+    """The last non-blank line of a command's output (its error, where it failed), stripped."""
+    return next((line.strip() for line in reversed(text.splitlines()) if line.strip()), "")
+
+
 def last_json_line(text: str) -> dict:
     for line in reversed(text.splitlines()):
         line = line.strip()
@@ -666,7 +671,7 @@ class Check:
         cmd = [sys.executable, str(CONV1X1), *self.device_args(), *self.plan.conv1x1_args]
         code, out = ctx.run(cmd, self.env(), "conv1x1.py")
         if code != 0:
-            error = next((line.strip() for line in reversed(out.splitlines()) if line.strip()), "")
+            error = last_line(out)
             raise Failed(f"conv1x1.py exited with {code}: {error[-300:]}")
         lines = [json.loads(line) for line in out.splitlines() if line.startswith("{") and line.endswith("}")]
         ratios = {f"{x['dtype']}_{x['in']}x{x['out']}": x["matmul_over_conv"] for x in lines}
@@ -685,7 +690,7 @@ class Check:
     def timing(self, ctx: StageContext, cmd: list[str], what: str) -> dict:
         code, out = ctx.run(cmd, self.env(), what)
         if code != 0:
-            error = next((line.strip() for line in reversed(out.splitlines()) if line.strip()), "")
+            error = last_line(out)
             raise Failed(f"{what} exited with {code}: {error[-300:]}")
         figures = last_json_line(out)
         step = figures.get("median_step_s")
